@@ -1,0 +1,60 @@
+"""Argument validation shared by every public op: each error names the argument and says what was
+expected. Shapes and values raise ValueError, dtypes TypeError."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(t, name: str, rank: Optional[int] = None, layout: str = "") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor{' ' + layout if layout else ''}, "
+                         f"got shape {tuple(t.shape)}")
+    return t
+
+
+def check_floating(t: torch.Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {_dt(t.dtype)}")
+
+
+def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """Same dtype and device as `ref`."""
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {_dt(ref.dtype)} (as {ref_name}), got {_dt(t.dtype)}")
+
+
+def check_dims(t: torch.Tensor, name: str, expected: Sequence[Optional[int]], what: str) -> None:
+    """Each non-None entry of `expected` must equal the matching size of t; `what` describes the
+    expected shape for the message, e.g. '[B, H, Nq] matching q'."""
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(t.shape)}")
+
+
+def check_scale(scale, name: str = "scale") -> Optional[float]:
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{name}: expected a Python float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{name}: expected a finite float, got {scale}")
+    return float(scale)
+
+
+def check_int_pair(value, name: str, minimum: int) -> tuple:
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return pair

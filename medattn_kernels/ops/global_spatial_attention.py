@@ -1,0 +1,81 @@
+"""global_spatial_attention: x * sigmoid(mean_c x), optionally + y * sigmoid(mean_c y) in one pass.
+
+Autograd saves only the inputs: the backward recomputes the per-pixel gate (one channel sum) instead
+of keeping a [B,1,H,W] gate or the [B,C,H,W] products, so nothing beyond x (and y) is kept.
+GPU: Triton only (a memory-bound elementwise-plus-reduction kernel gains nothing from CUDA C++).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ._checks import check_floating, check_like, check_tensor
+from ._registry import FusedOp, needs_grad
+
+
+def output_layout(x: torch.Tensor) -> torch.memory_format:
+    """Kernels keep channels_last inputs channels_last and make everything else NCHW-contiguous
+    (the same rule as csrc/cpu/global_spatial_attention.cpp's layout_of)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _fake(x, y=None):
+    return torch.empty_like(x, memory_format=output_layout(x))
+
+
+def _backward_fake(grad_out, x):
+    return torch.empty_like(x, memory_format=output_layout(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y = inputs
+    ctx.save_for_backward(x, y)
+
+
+def _backward(ctx, backward_fn, grad):
+    x, y = ctx.saved_tensors
+    grad_x = backward_fn(grad, x) if needs_grad(ctx, 0) else None
+    grad_y = backward_fn(grad, y) if y is not None and needs_grad(ctx, 1) else None
+    return grad_x, grad_y
+
+
+def _triton():
+    from ..triton import global_spatial_attention as kernels
+    return kernels.forward, kernels.backward
+
+
+SPEC = FusedOp(
+    name="global_spatial_attention",
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_fake=_backward_fake,
+    triton=_triton(),
+).register()
+
+
+def global_spatial_attention(x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                             backend: Optional[str] = None) -> torch.Tensor:
+    """Global spatial attention gate of DIN's DIFM: ``x * sigmoid(x.mean(1, keepdim=True))``, plus the
+    same of ``y`` when given (the sum of DIFM's two branches, fused into one pass).
+
+    Args:
+        x: ``[B, C, H, W]`` floating tensor, NCHW or channels_last (the output keeps channels_last).
+        y: optional second map of x's shape, dtype and device.
+        backend: ``None`` (fastest available), ``"reference"``, ``"cpu"`` or ``"triton"``.
+    """
+    check_tensor(x, "x", 4, "[B, C, H, W]")
+    check_floating(x, "x")
+    if y is not None:
+        check_tensor(y, "y", 4, "[B, C, H, W]")
+        check_like(y, "y", x, "x")
+        if y.shape != x.shape:
+            raise ValueError(f"y: expected shape {tuple(x.shape)} (as x), got {tuple(y.shape)}")
+    chosen = SPEC.resolve(backend, x, "x")
+    if chosen == "reference":
+        return reference.global_spatial_attention(x, y)
+    return SPEC.run(chosen, x, y)

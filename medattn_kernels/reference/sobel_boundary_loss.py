@@ -1,0 +1,50 @@
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def sobel_magnitude(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """sqrt(gx^2 + gy^2 + eps) with the Sobel pair / 8, replicate padding, cross-correlation."""
+    c = u.shape[1]
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=u.dtype, device=u.device) / 8
+    weight = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(c, 1, 1, 1)  # [2C,1,3,3]: gx, gy per channel
+    g = F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), weight, groups=c)
+    gx, gy = g[:, 0::2], g[:, 1::2]
+    return torch.sqrt(gx * gx + gy * gy + eps)
+
+
+def sobel_boundary_loss(pred: torch.Tensor, target: torch.Tensor, scales: Sequence[int] = (1, 2, 4),
+                        weights: Optional[Sequence[float]] = None, eps: float = 1e-6, from_logits: bool = False,
+                        ignore_index: Optional[int] = None, reduction: str = "mean") -> torch.Tensor:
+    """sum_s w_s * reduce | G(P_s(p)) - G(P_s(y)) |, P_s = avg_pool2d(kernel=stride=s, floor).
+
+    int64 targets [B,H,W] are one-hot encoded; pixels equal to ignore_index are zeroed in both the
+    prediction and the target before pooling (they carry no gradient and no label). A scale whose
+    pooled map is empty contributes 0. reduction "none" gives one loss per image ([B])."""
+    p = torch.softmax(pred, dim=1) if from_logits else pred
+    if target.dtype == torch.int64:
+        valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+        y = F.one_hot(torch.where(valid, target, 0), p.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+        mask = valid.unsqueeze(1).to(p.dtype)
+        y, p = y * mask, p * mask
+    else:
+        y = target.to(p.dtype)
+    weights = [1.0] * len(scales) if weights is None else list(weights)
+    batch = p.shape[0]
+    total = p.new_zeros(batch) if reduction == "none" else p.new_zeros(())
+    for s, w in zip(scales, weights):
+        if p.shape[-2] // s == 0 or p.shape[-1] // s == 0:
+            continue
+        ps = p if s == 1 else F.avg_pool2d(p, s, s)
+        ys = y if s == 1 else F.avg_pool2d(y, s, s)
+        diff = (sobel_magnitude(ps, eps) - sobel_magnitude(ys, eps)).abs()
+        if reduction == "none":
+            total = total + w * diff.flatten(1).mean(dim=1)
+        elif reduction == "mean":
+            total = total + w * diff.mean()
+        else:
+            total = total + w * diff.sum()
+    return total
