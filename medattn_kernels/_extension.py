@@ -8,6 +8,8 @@ import os
 import warnings
 from pathlib import Path
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 LOAD_ERROR: str | None = None
 

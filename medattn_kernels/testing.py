@@ -1,0 +1,116 @@
+"""Helpers every op's tests and benchmarks share: per-dtype tolerances (Liger-Kernel style), the
+error metric of design.md (max |out - ref| / max |ref| against a float64 reference), input factories
+for odd layouts, and the "memory kept for backward" measurement."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+# Relative tolerances (max |out - ref| / max |ref|) against the float64 reference, per dtype the kernel
+# computes in. They leave headroom over the typical errors of design.md section 6 (fp64 ~1e-12, fp32
+# ~1e-6, TF32 ~3e-4, fp16/bf16 1e-3..1e-2) for reductions over a few thousand terms.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+TF32_TOLERANCE = 2e-3
+
+LAYOUTS = ("contiguous", "noncontiguous", "channels_last")
+
+
+def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
+    return TF32_TOLERANCE if tf32 and dtype == torch.float32 else TOLERANCES[dtype]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| in float64; NaN where out and ref disagree on NaN positions, 0 for
+    empty tensors. Positions where both are NaN, or both the same Inf, count as equal."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: {tuple(out.shape)} vs reference {tuple(ref.shape)}")
+    if out.numel() == 0:
+        return 0.0
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    same_nonfinite = (torch.isnan(o) & torch.isnan(r)) | (torch.isinf(o) & (o == r))
+    if bool((torch.isfinite(o) != torch.isfinite(r))[~same_nonfinite].any()):
+        return float("nan")
+    o, r = o[~same_nonfinite], r[~same_nonfinite]
+    if o.numel() == 0:
+        return 0.0
+    denom = r.abs().max().item()
+    err = (o - r).abs().max().item()
+    return err / denom if denom > 0 else err
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output",
+                              tol: Optional[float] = None, tf32: bool = False) -> float:
+    tol = tolerance(dtype, tf32) if tol is None else tol
+    err = rel_error(out, ref)
+    if not err <= tol:  # also catches NaN
+        raise AssertionError(f"{what}: relative error {err:.3e} exceeds {tol:.1e} ({dtype})")
+    return err
+
+
+def make_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32, device="cpu",
+                layout: str = "contiguous", requires_grad: bool = False, low: float = -2.0,
+                high: float = 2.0) -> torch.Tensor:
+    """Fresh uniform random values in [low, high) with the given memory layout:
+    "contiguous"; "noncontiguous" (every other element of the last dimension of a wider buffer);
+    "channels_last" (4-D only)."""
+    shape = tuple(shape)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if layout == "noncontiguous" and shape:
+        wide = shape[:-1] + (2 * shape[-1],)
+        t = torch.empty(wide, dtype=torch.float64, device=device).uniform_(low, high).to(dtype)[..., ::2]
+    else:
+        t = torch.empty(shape, dtype=torch.float64, device=device).uniform_(low, high).to(dtype)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(requires_grad)
+
+
+def as_float64_leaves(tensors: Iterable[Optional[torch.Tensor]]):
+    """Detached float64 copies (same requires_grad) for running the reference as the oracle."""
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def grads_of(outputs, inputs, grad_outputs) -> list:
+    """d(sum_i <outputs_i, grad_outputs_i>) / d inputs, None for inputs without requires_grad."""
+    outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    gouts = [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else list(grad_outputs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    got = torch.autograd.grad(outs, wanted, [g.to(o.dtype) for o, g in zip(outs, gouts)], allow_unused=True)
+    it = iter(got)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def saved_tensor_bytes(fn: Callable, *inputs) -> int:
+    """Bytes autograd keeps for backward when running fn(*inputs) (design.md section 6): the unique
+    storages seen by saved_tensors_hooks, minus the storages of the inputs themselves."""
+    storages = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    input_ptrs = {t.untyped_storage().data_ptr() for t in _flatten(inputs) if isinstance(t, torch.Tensor)}
+    del out
+    return sum(n for ptr, n in storages.items() if ptr not in input_ptrs)
+
+
+def _flatten(items):
+    for it in items:
+        if isinstance(it, (list, tuple)):
+            yield from _flatten(it)
+        elif isinstance(it, dict):
+            yield from _flatten(it.values())
+        else:
+            yield it
+
