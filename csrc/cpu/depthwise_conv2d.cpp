@@ -27,6 +27,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace medattn {
@@ -65,11 +69,19 @@ inline void storeu(acc* p, typename Simd<acc>::vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Broadcast. A lane-by-lane fill compiles to 16 masked broadcasts with GCC, hence the intrinsics.
 template <typename acc>
 inline typename Simd<acc>::vec splat(acc s) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<acc, float>)
+    return (vec_f32)_mm512_set1_ps(s);
+  else
+    return (vec_f64)_mm512_set1_pd(s);
+#else
   typename Simd<acc>::vec v;
   for (int i = 0; i < Simd<acc>::N; ++i) v[i] = s;
   return v;
+#endif
 }
 
 template <typename acc>
