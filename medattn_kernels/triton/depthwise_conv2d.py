@@ -26,6 +26,8 @@ turn a grad-weight sum into NaN where the reference stays finite (only with non-
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -73,7 +75,7 @@ def _dw_correlate_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, C, SRC_H, SRC_W, OUT
         x = tl.load(src + rows.to(tl.int64)[:, None] * s_h, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         t = _toeplitz(w_ptr, c * KH * KW, kh, KH, KW, DW, FLIP, BLOCK_W, BLOCK_WP)
         if IEEE:
-            acc += tl.dot(x, t, input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), t.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, t)
     if HAS_BIAS:
@@ -108,7 +110,7 @@ def _dw_weight_grad_kernel(g_ptr, x_ptr, part_ptr, B, C, H, W, HO, WO, PH, PW, K
             row_ok = oh_ok & (rows >= 0) & (rows < H)
             x = tl.load(x_plane + rows.to(tl.int64)[:, None] * x_h, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             if IEEE:
-                m += tl.dot(tl.trans(g), x, input_precision="ieee")
+                m += tl.dot(tl.trans(g.to(tl.float32)), x.to(tl.float32), input_precision="ieee")
             else:
                 m += tl.dot(tl.trans(g), x)
         g_plane += g_b
@@ -118,6 +120,13 @@ def _dw_weight_grad_kernel(g_ptr, x_ptr, part_ptr, B, C, H, W, HO, WO, PH, PW, K
     out = part_ptr + ((c * KH + kh) * tl.num_programs(2) + tw) * KW
     for kw in range(0, KW):
         tl.store(out + kw, tl.sum(tl.sum(tl.where(diff == DW * kw, m, 0.0), axis=1), axis=0))
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    """fp32 operands -> IEEE fp32 dot (not TF32). bf16 also under the interpreter, whose tl.dot
+    mis-reads bf16 operands (numpy has no bfloat16; errors of 1e10 with triton 3.9), so there the
+    operands are upcast; on a GPU bf16/fp16 go to the tensor cores with fp32 accumulation."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def _block_wp(kw: int, dw: int) -> int:
@@ -136,7 +145,7 @@ def _correlate(src, weight, bias, out_shape, row0, col0, dilation, flip, layout_
     _dw_correlate_kernel[grid](
         src, w, w if bias is None else bias.contiguous(), dst, C, src.shape[2], src.shape[3], out_shape[2],
         out_shape[3], row0, col0, KH, KW, dilation[0], dilation[1], tiles_w, *src.stride(), *dst.stride(),
-        HAS_BIAS=bias is not None, FLIP=flip, IEEE=src.dtype == torch.float32,
+        HAS_BIAS=bias is not None, FLIP=flip, IEEE=_ieee(src.dtype),
         BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1]))
     return dst
 
@@ -164,7 +173,7 @@ def backward(grad_out, x, weight, padding, dilation, output_mask):
         if B > 0:
             _dw_weight_grad_kernel[(C, KH, tiles_w)](
                 grad_out, x, part, B, C, H, W, HO, WO, padding[0], padding[1], KH, KW, dilation[0], dilation[1],
-                tiles_w, *grad_out.stride(), *x.stride(), IEEE=x.dtype == torch.float32,
+                tiles_w, *grad_out.stride(), *x.stride(), IEEE=_ieee(x.dtype),
                 BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1]))
         grad_w = part.sum(2).reshape(C, 1, KH, KW).to(x.dtype)
     if output_mask[2]:
