@@ -104,6 +104,7 @@ def test_gradcheck_float64():
     b = make_tensor((2,), torch.float64, requires_grad=True)
     fn = lambda a, k, c: mk.depthwise_conv2d(a, k, c, padding=(2, 3), dilation=(2, 1), backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 def test_deterministic_and_keeps_only_inputs():
