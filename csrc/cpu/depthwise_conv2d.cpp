@@ -91,7 +91,8 @@ inline acc hsum(typename Simd<acc>::vec v) {
   return s;
 }
 
-constexpr int kBlock = 4;    // SIMD vectors per output register block (64 floats)
+constexpr int kBlock = 2;    // SIMD vectors per output register block (32 floats)
+constexpr int kRowBlock = 4;  // output rows per register block
 constexpr int kKwBlock = 8;  // grad-weight taps accumulated together
 constexpr int64_t kMinItems = 64;  // row tiling: at least this many items per call (shape-only rule)
 
@@ -129,9 +130,12 @@ void fill_slab(acc* slab, const scalar_t* src, int64_t src_rows, int64_t src_col
   }
 }
 
-// One register block: RH output rows x R vectors, out[rr][0:R*N] = init + sum_taps w * slab window.
-// RH * R independent accumulators: the FMA latency (4 cycles) times its throughput (2 per cycle)
-// needs about 8 chains in flight, hence two rows of four vectors for wide maps.
+// One register block: RH output rows spaced dh apart (rows h + dh rr) x R vectors along W:
+//   out[rr][0:R*N] = init + sum_{kh,kw} w[kh, kw] * slab[rr + kh (in units of dh rows)][dw kw + 0:R*N]
+// Output row rr reads slab row i = rr + kh, so each slab row i is loaded once per tap column kw and
+// feeds every output row of the block with the weight w[i - rr, kw]: one (unaligned, usually cache-
+// line-splitting) load per RH FMAs instead of one per FMA. The loads, not the FMAs, were the limit.
+// RH * R = 8 accumulators cover the FMA latency (4 cycles x 2 FMA units).
 template <typename acc, int RH, int R>
 inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, acc* out,
                        int64_t out_stride) {
@@ -140,22 +144,37 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
   V a[RH][R];
   for (int rr = 0; rr < RH; ++rr)
     for (int r = 0; r < R; ++r) a[rr][r] = splat<acc>(init);
-  for (int64_t kh = 0; kh < g.KH; ++kh) {
-    const acc* row = slab + kh * g.dh * width;
-    const acc* wr = w + kh * g.KW;
-    for (int64_t kw = 0; kw < g.KW; ++kw) {
-      const V wv = splat<acc>(wr[kw]);
-      const acc* p = row + kw * g.dw;
-      for (int rr = 0; rr < RH; ++rr)
-        for (int r = 0; r < R; ++r) a[rr][r] += wv * loadu<acc>(p + rr * width + r * N);
+  const int64_t row_step = g.dh * width;
+  for (int64_t i = 0; i < g.KH + RH - 1; ++i) {
+    const acc* row = slab + i * row_step;
+    if (i >= RH - 1 && i < g.KH) {  // every output row of the block uses slab row i
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        V x[R];
+        for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
+        for (int rr = 0; rr < RH; ++rr) {
+          const V wv = splat<acc>(w[(i - rr) * g.KW + kw]);
+          for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
+        }
+      }
+    } else {  // first / last rows of the window: only some output rows reach them
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        V x[R];
+        for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
+        for (int rr = 0; rr < RH; ++rr) {
+          const int64_t kh = i - rr;
+          if (kh < 0 || kh >= g.KH) continue;
+          const V wv = splat<acc>(w[kh * g.KW + kw]);
+          for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
+        }
+      }
     }
   }
   for (int rr = 0; rr < RH; ++rr)
     for (int r = 0; r < R; ++r) storeu<acc>(out + rr * out_stride + r * N, a[rr][r]);
 }
 
-// RH consecutive output rows [0:cols_padded) (stride cols_padded in out_rows) whose windows start at
-// slab row `slab_row`.
+// RH output rows (spaced dh apart) over [0:cols_padded) into out_rows (row stride cols_padded); the
+// block's first row's window starts at slab row `slab_row`.
 template <typename acc, int RH>
 void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, acc* out_rows,
                int64_t out_cols, int64_t cols_padded) {
@@ -164,12 +183,10 @@ void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry&
   for (; c + kBlock * N <= out_cols; c += kBlock * N)
     conv_block<acc, RH, kBlock>(slab_row + c, width, w, g, init, out_rows + c, cols_padded);
   const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
-  static_assert(kBlock == 4, "the switch below covers 1..kBlock vectors");
+  static_assert(kBlock == 2, "the switch below covers 1..kBlock vectors");
   switch (rest) {
     case 1: conv_block<acc, RH, 1>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
     case 2: conv_block<acc, RH, 2>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
-    case 3: conv_block<acc, RH, 3>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
-    case 4: conv_block<acc, RH, 4>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
     default: break;
   }
 }
@@ -191,7 +208,7 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
   const int64_t width = cols_padded + g.dw * (g.KW - 1);
   at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> slab((tile + g.dh * (g.KH - 1)) * width);
-    std::vector<acc> rows(2 * cols_padded);
+    std::vector<acc> rows(kRowBlock * cols_padded);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / tiles, c = p % C;
       const int64_t r0 = (item % tiles) * tile, r1 = std::min(out_rows, r0 + tile);
@@ -201,17 +218,22 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
       const acc* wp = w + c * g.KH * g.KW;
       const acc init = bias ? bias[c] : acc(0);
       scalar_t* out = dst + p * out_rows * out_cols;
-      for (int64_t r = r0; r < r1; r += 2) {
-        const acc* slab_row = slab.data() + (r - r0) * width;
-        const int64_t n = std::min<int64_t>(2, r1 - r);
-        if (n == 2)
-          conv_rows<acc, 2>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded);
-        else
-          conv_rows<acc, 1>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded);
-        for (int64_t i = 0; i < n; ++i) {
-          scalar_t* o = out + (r + i) * out_cols;
-          const acc* src_row = rows.data() + i * cols_padded;
-          for (int64_t j = 0; j < out_cols; ++j) o[j] = static_cast<scalar_t>(src_row[j]);
+      // Rows of a register block are dh apart (they share slab rows): walk each residue class mod dh.
+      for (int64_t q = r0; q < std::min(r1, r0 + g.dh); ++q) {
+        for (int64_t r = q; r < r1; r += kRowBlock * g.dh) {
+          const acc* slab_row = slab.data() + (r - r0) * width;
+          const int64_t n = std::min<int64_t>(kRowBlock, (r1 - 1 - r) / g.dh + 1);
+          switch (n) {
+            case 4: conv_rows<acc, 4>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
+            case 3: conv_rows<acc, 3>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
+            case 2: conv_rows<acc, 2>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
+            default: conv_rows<acc, 1>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            scalar_t* o = out + (r + i * g.dh) * out_cols;
+            const acc* src_row = rows.data() + i * cols_padded;
+            for (int64_t j = 0; j < out_cols; ++j) o[j] = static_cast<scalar_t>(src_row[j]);
+          }
         }
       }
     }
