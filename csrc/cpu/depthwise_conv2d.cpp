@@ -13,9 +13,9 @@
 // Backward:
 //  * grad input = correlation of grad_out with the flipped kernel: the same row kernel over a slab of
 //    grad_out whose origin is (ph - dh (KH-1), pw - dw (KW-1)) (a negative pad crops).
-//  * grad weight[kh, kw] = sum_{b,h,w} g[b,h,w] x_pad[h + dh kh, w + dw kw]: per item, for each kh and
-//    each block of kKwBlock taps, one g vector is loaded and multiplied against kKwBlock shifted x
-//    vectors into kKwBlock register accumulators, reduced over the item's rows. Each item writes its
+//  * grad weight[kh, kw] = sum_{b,h,w} g[b,h,w] x_pad[h + dh kh, w + dw kw]: per item, register blocks of
+//    kKhBlock kernel rows x kKwBlock taps; each shifted x vector is loaded once for the block's kernel
+//    rows (x row i meets kernel row kh through g row i - dh kh), reduced over the item's rows. Each item writes its
 //    partial [KH*KW] sums (and the grad bias partial) to its own slot; a second pass sums the slots of
 //    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
 //    (the row tiling depends on the shape only).
@@ -93,7 +93,8 @@ inline acc hsum(typename Simd<acc>::vec v) {
 
 constexpr int kBlock = 2;    // SIMD vectors per output register block (32 floats)
 constexpr int kRowBlock = 4;  // output rows per register block
-constexpr int kKwBlock = 8;  // grad-weight taps accumulated together
+constexpr int kKwBlock = 2;  // grad-weight register block: taps along W ...
+constexpr int kKhBlock = 4;  // ... x kernel rows
 constexpr int64_t kMinItems = 64;  // row tiling: at least this many items per call (shape-only rule)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -240,8 +241,12 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
   });
 }
 
-// grad weight / grad bias partials of one item: rows [r0, r1) of grad_out plane `gp` (Ho x Wo) against
-// the matching padded input rows. part_w[KH*KW] and *part_b receive the item's sums.
+// grad weight partials of one item: rows [0, rows) of the item's grad_out rows (gbuf, zero beyond Wo)
+// against the matching padded input rows (xslab). part_w[KH*KW] receives the item's sums.
+// Register block: kKhBlock kernel rows x kKwBlock taps (8 accumulators). Input row i feeds kernel row
+// kh through grad_out row i - dh kh, so one pass over the input rows of the block loads each shifted
+// input vector once for all kKhBlock kernel rows (and each grad_out vector, row-aligned, once per tap
+// pair): 6 loads per 8 FMAs instead of 9.
 template <typename acc>
 void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t xwidth, int64_t rows,
                       int64_t out_cols, const Geometry& g, acc* part_w) {
@@ -255,24 +260,44 @@ void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t
   M tail_mask;
   for (int i = 0; i < N; ++i) tail_mask[i] = (full + i < out_cols) ? -1 : 0;
   const V zero = splat<acc>(acc(0));
-  for (int64_t kh = 0; kh < g.KH; ++kh) {
+  for (int64_t kh0 = 0; kh0 < g.KH; kh0 += kKhBlock) {
+    const int64_t nkh = std::min<int64_t>(kKhBlock, g.KH - kh0);
     for (int64_t kw0 = 0; kw0 < g.KW; kw0 += kKwBlock) {
-      V a[kKwBlock];
-      for (int j = 0; j < kKwBlock; ++j) a[j] = zero;
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc* grow = gbuf + r * gwidth;
-        const acc* xrow = xslab + (r + kh * g.dh) * xwidth + kw0 * g.dw;
+      V a[kKhBlock][kKwBlock];
+      for (int u = 0; u < kKhBlock; ++u)
+        for (int j = 0; j < kKwBlock; ++j) a[u][j] = zero;
+      // slab row dh kh0 + i meets kernel row kh0 + u through grad_out row i - dh u.
+      for (int64_t i = 0; i < rows + g.dh * (nkh - 1); ++i) {
+        const acc* xrow = xslab + (g.dh * kh0 + i) * xwidth + kw0 * g.dw;
+        const acc* grow[kKhBlock];
+        bool used[kKhBlock];
+        for (int u = 0; u < kKhBlock; ++u) {
+          const int64_t h = i - g.dh * u;
+          used[u] = u < nkh && h >= 0 && h < rows;
+          grow[u] = gbuf + (used[u] ? h : 0) * gwidth;
+        }
         for (int64_t c = 0; c < full; c += N) {
-          const V gv = loadu<acc>(grow + c);
-          for (int j = 0; j < kKwBlock; ++j) a[j] += gv * loadu<acc>(xrow + c + j * g.dw);
+          V xv[kKwBlock];
+          for (int j = 0; j < kKwBlock; ++j) xv[j] = loadu<acc>(xrow + c + j * g.dw);
+          for (int u = 0; u < kKhBlock; ++u) {
+            if (!used[u]) continue;
+            const V gv = loadu<acc>(grow[u] + c);
+            for (int j = 0; j < kKwBlock; ++j) a[u][j] += gv * xv[j];
+          }
         }
         if (tail) {
-          const V gv = loadu<acc>(grow + full);
-          for (int j = 0; j < kKwBlock; ++j) a[j] += gv * (tail_mask ? loadu<acc>(xrow + full + j * g.dw) : zero);
+          V xv[kKwBlock];
+          for (int j = 0; j < kKwBlock; ++j) xv[j] = tail_mask ? loadu<acc>(xrow + full + j * g.dw) : zero;
+          for (int u = 0; u < kKhBlock; ++u) {
+            if (!used[u]) continue;
+            const V gv = loadu<acc>(grow[u] + full);
+            for (int j = 0; j < kKwBlock; ++j) a[u][j] += gv * xv[j];
+          }
         }
       }
-      const int64_t n = std::min<int64_t>(kKwBlock, g.KW - kw0);
-      for (int j = 0; j < n; ++j) part_w[kh * g.KW + kw0 + j] = hsum<acc>(a[j]);
+      const int64_t nkw = std::min<int64_t>(kKwBlock, g.KW - kw0);
+      for (int u = 0; u < nkh; ++u)
+        for (int j = 0; j < nkw; ++j) part_w[(kh0 + u) * g.KW + kw0 + j] = hsum<acc>(a[u][j]);
     }
   }
 }
