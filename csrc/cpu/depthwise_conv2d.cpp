@@ -137,9 +137,9 @@ void fill_slab(acc* slab, const scalar_t* src, int64_t src_rows, int64_t src_col
 // feeds every output row of the block with the weight w[i - rr, kw]: one (unaligned, usually cache-
 // line-splitting) load per RH FMAs instead of one per FMA. The loads, not the FMAs, were the limit.
 // RH * R = 8 accumulators cover the FMA latency (4 cycles x 2 FMA units).
-template <typename acc, int RH, int R>
-inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, acc* out,
-                       int64_t out_stride) {
+template <typename scalar_t, typename acc, int RH, int R>
+inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
+                       int64_t out_stride, int64_t valid) {
   using V = typename Simd<acc>::vec;
   constexpr int N = Simd<acc>::N;
   V a[RH][R];
@@ -170,24 +170,38 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
       }
     }
   }
-  for (int rr = 0; rr < RH; ++rr)
-    for (int r = 0; r < R; ++r) storeu<acc>(out + rr * out_stride + r * N, a[rr][r]);
+  // Straight to the output: whole vectors when the types match, else (tail, bf16) lane by lane.
+  for (int rr = 0; rr < RH; ++rr) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = std::min<int64_t>(N, valid - r * N);
+      scalar_t* o = out + rr * out_stride + r * N;
+      if constexpr (std::is_same_v<scalar_t, acc>) {
+        if (n == N) {
+          storeu<acc>(o, a[rr][r]);
+          continue;
+        }
+      }
+      acc lanes[N];
+      storeu<acc>(lanes, a[rr][r]);
+      for (int64_t k = 0; k < n; ++k) o[k] = static_cast<scalar_t>(lanes[k]);
+    }
+  }
 }
 
-// RH output rows (spaced dh apart) over [0:cols_padded) into out_rows (row stride cols_padded); the
-// block's first row's window starts at slab row `slab_row`.
-template <typename acc, int RH>
-void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, acc* out_rows,
-               int64_t out_cols, int64_t cols_padded) {
+// RH output rows spaced dh apart (output row stride out_stride), all out_cols columns; the block's
+// first row's window starts at slab row `slab_row`.
+template <typename scalar_t, typename acc, int RH>
+void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
+               int64_t out_stride, int64_t out_cols) {
   constexpr int N = Simd<acc>::N;
   int64_t c = 0;
   for (; c + kBlock * N <= out_cols; c += kBlock * N)
-    conv_block<acc, RH, kBlock>(slab_row + c, width, w, g, init, out_rows + c, cols_padded);
+    conv_block<scalar_t, acc, RH, kBlock>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
   const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
   static_assert(kBlock == 2, "the switch below covers 1..kBlock vectors");
   switch (rest) {
-    case 1: conv_block<acc, RH, 1>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
-    case 2: conv_block<acc, RH, 2>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
+    case 1: conv_block<scalar_t, acc, RH, 1>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c); break;
+    case 2: conv_block<scalar_t, acc, RH, 2>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c); break;
     default: break;
   }
 }
@@ -209,7 +223,6 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
   const int64_t width = cols_padded + g.dw * (g.KW - 1);
   at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> slab((tile + g.dh * (g.KH - 1)) * width);
-    std::vector<acc> rows(kRowBlock * cols_padded);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / tiles, c = p % C;
       const int64_t r0 = (item % tiles) * tile, r1 = std::min(out_rows, r0 + tile);
@@ -224,16 +237,13 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
         for (int64_t r = q; r < r1; r += kRowBlock * g.dh) {
           const acc* slab_row = slab.data() + (r - r0) * width;
           const int64_t n = std::min<int64_t>(kRowBlock, (r1 - 1 - r) / g.dh + 1);
+          scalar_t* o = out + r * out_cols;
+          const int64_t stride = g.dh * out_cols;
           switch (n) {
-            case 4: conv_rows<acc, 4>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
-            case 3: conv_rows<acc, 3>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
-            case 2: conv_rows<acc, 2>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
-            default: conv_rows<acc, 1>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded); break;
-          }
-          for (int64_t i = 0; i < n; ++i) {
-            scalar_t* o = out + (r + i * g.dh) * out_cols;
-            const acc* src_row = rows.data() + i * cols_padded;
-            for (int64_t j = 0; j < out_cols; ++j) o[j] = static_cast<scalar_t>(src_row[j]);
+            case 4: conv_rows<scalar_t, acc, 4>(slab_row, width, wp, g, init, o, stride, out_cols); break;
+            case 3: conv_rows<scalar_t, acc, 3>(slab_row, width, wp, g, init, o, stride, out_cols); break;
+            case 2: conv_rows<scalar_t, acc, 2>(slab_row, width, wp, g, init, o, stride, out_cols); break;
+            default: conv_rows<scalar_t, acc, 1>(slab_row, width, wp, g, init, o, stride, out_cols); break;
           }
         }
       }
