@@ -2,12 +2,13 @@
 //
 // Work items are (batch, channel, row tile). An item copies the input rows it needs into a zero-padded
 // "slab" in the accumulation type (float for float32/bfloat16, double for float64): padding, crops and
-// the bf16->float conversion happen once there, so the inner loops have no boundary branches. Each
-// output row is then computed in register blocks of up to kBlock SIMD vectors along W:
-//     acc[0:R*N] = bias;  for kh, kw: acc[0:R*N] += w[kh, kw] * slab[h + dh kh, dw kw : dw kw + R*N]
-// the inner loop is unit-stride along W (N = 16 floats / 8 doubles with AVX-512), one weight broadcast
-// per R fused multiply-adds whose input operand is an unaligned L1 load. The slab is wide enough
-// (a multiple of N plus the kernel's reach) that tail columns are computed into scratch lanes and
+// the bf16->float conversion happen once there, so the inner loops have no boundary branches. Output
+// rows are then computed in register blocks of kRowBlock rows (dh apart) x kBlock SIMD vectors along W:
+//     acc[rr][0:kBlock*N] = bias;  for slab row i, kw:  x = slab[i][dw kw : dw kw + kBlock*N]
+//                                                      acc[rr] += w[i - rr, kw] * x   (each rr of the block)
+// the inner loop is unit-stride along W (N = 16 floats / 8 doubles with AVX-512); each unaligned input
+// vector is loaded once and feeds all rows of the block (loads crossing cache lines were the limit).
+// The slab is wide enough (a multiple of N plus the kernel's reach) that tail lanes are computed and
 // dropped, never read out of bounds.
 //
 // Backward:
