@@ -340,10 +340,13 @@ void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w,
         weight_grad_item<acc>(gbuf.data(), gwidth, xslab.data(), xwidth, rows, Wo, g, part);
       }
       if (grad_b) {
-        acc s = 0;
+        // Vector partial sums over the zero-padded rows (a scalar loop would be one add per
+        // 4-cycle latency: ~2 ms on (8, 64, 56, 56)), fixed order, then one lane reduction.
+        using V = typename Simd<acc>::vec;
+        V s = splat<acc>(acc(0));
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < Wo; ++j) s += gbuf[r * gwidth + j];
-        part[taps] = s;
+          for (int64_t j = 0; j < gwidth; j += N) s += loadu<acc>(gbuf.data() + r * gwidth + j);
+        part[taps] = hsum<acc>(s);
       }
     }
   });
