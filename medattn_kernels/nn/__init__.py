@@ -1,2 +1,6 @@
-"""nn.Module wrappers of the fused ops."""
-from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss  # noqa: F401
+"""nn.Modules built on the fused ops. Each takes `fused: bool`; fused=False runs the pure-PyTorch
+references, for side-by-side checks."""
+from .global_spatial_attention import GlobalSpatialAttention
+from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss
+
+__all__ = ["GlobalSpatialAttention", "SobelBoundaryLoss", "DINLoss", "soft_dice_loss"]
