@@ -426,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor> sobel_forward(const at::Tensor& pred_in, cons
                   dp_full.defined() ? dp_full.mutable_data_ptr<acc>() : nullptr,
                   compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, plane_loss, bad_label);
     for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(bad_label[b] == kNoIgnore, "target: labels must lie in [0, ", C,
+      TORCH_CHECK_VALUE(bad_label[b] == kNoIgnore, "target: labels must lie in [0, ", C,
                   ") (C = pred.shape[1]) or equal ignore_index, got ", bad_label[b], " in image ", b);
     if (from_logits && compute_grad)
       softmax_adjoint_pass<scalar_t>(probs.const_data_ptr<acc>(), dp_full.const_data_ptr<acc>(),
