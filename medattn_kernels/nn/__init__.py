@@ -1,5 +1,6 @@
 """nn.Modules built on the fused ops. Each takes `fused: bool`; fused=False runs the pure-PyTorch
 references, for side-by-side checks."""
 from .global_spatial_attention import GlobalSpatialAttention
+from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss
 
-__all__ = ["GlobalSpatialAttention"]
+__all__ = ["GlobalSpatialAttention", "SobelBoundaryLoss", "DINLoss", "soft_dice_loss"]
