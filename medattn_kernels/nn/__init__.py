@@ -2,5 +2,7 @@
 references, for side-by-side checks."""
 from .depthwise import DepthwiseConv2d, LargeKernelDWConv2d
 from .global_spatial_attention import GlobalSpatialAttention
+from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss
 
-__all__ = ["GlobalSpatialAttention", "DepthwiseConv2d", "LargeKernelDWConv2d"]
+__all__ = ["GlobalSpatialAttention", "SobelBoundaryLoss", "DINLoss", "soft_dice_loss", "DepthwiseConv2d",
+           "LargeKernelDWConv2d"]
