@@ -99,11 +99,19 @@ def test_only_requested_gradients():
 
 
 def test_gradcheck_float64():
-    x = make_tensor((2, 2, 6, 5), torch.float64, requires_grad=True)
+    x = make_tensor((1, 2, 6, 5), torch.float64, requires_grad=True)
     w = make_tensor((2, 1, 3, 5), torch.float64, requires_grad=True)
     b = make_tensor((2,), torch.float64, requires_grad=True)
     fn = lambda a, k, c: mk.depthwise_conv2d(a, k, c, padding=(2, 3), dilation=(2, 1), backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_gradgradcheck_float64():
+    # Double backward goes through the same two ops (ops/depthwise_conv2d._double_backward).
+    x = make_tensor((1, 2, 4, 3), torch.float64, requires_grad=True)
+    w = make_tensor((2, 1, 3, 2), torch.float64, requires_grad=True)
+    b = make_tensor((2,), torch.float64, requires_grad=True)
+    fn = lambda a, k, c: mk.depthwise_conv2d(a, k, c, padding=(2, 1), dilation=(1, 2), backend="cpu")  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
