@@ -2,5 +2,7 @@
 op on torch.ops.medattn (see _registry.py)."""
 from .cross_attention import bidirectional_cross_attention, cross_attention, tied_cross_attention
 from .global_spatial_attention import global_spatial_attention
+from .sobel_boundary_loss import sobel_boundary_loss
 
-__all__ = ["global_spatial_attention", "cross_attention", "bidirectional_cross_attention", "tied_cross_attention"]
+__all__ = ["global_spatial_attention", "sobel_boundary_loss", "cross_attention", "bidirectional_cross_attention",
+           "tied_cross_attention"]
