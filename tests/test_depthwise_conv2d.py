@@ -232,6 +232,7 @@ X, W7 = torch.randn(2, 3, 9, 9), torch.randn(3, 1, 7, 7)
     (lambda: mk.depthwise_conv2d(X, W7, padding=(1, 2, 3)), TypeError, r"padding: expected an int or a pair"),
     (lambda: mk.depthwise_conv2d(X, W7, dilation=0), ValueError, r"dilation: expected values >= 1"),
     (lambda: mk.depthwise_conv2d(X, W7, dilation=(1.5, 1)), TypeError, r"dilation: expected an int or a pair"),
+    (lambda: mk.depthwise_conv2d(X, W7, padding=1.5), TypeError, r"padding: expected an int or a pair of ints, got 1.5"),
     (lambda: mk.depthwise_conv2d(X, W7, padding=0, dilation=2), ValueError, r"output size -3x-3 is below 1"),
     (lambda: mk.depthwise_conv2d(X, W7, stride=2), TypeError, r"unexpected keyword argument 'stride'"),
     (lambda: mk.depthwise_conv2d(X, W7, backend="nope"), ValueError, r"backend: expected one"),

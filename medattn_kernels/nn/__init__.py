@@ -5,5 +5,5 @@ from .depthwise import DepthwiseConv2d, LargeKernelDWConv2d
 from .global_spatial_attention import GlobalSpatialAttention
 from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss
 
-__all__ = ["GlobalSpatialAttention", "SobelBoundaryLoss", "DINLoss", "soft_dice_loss", "CrossImageAttention",
-           "DualInteractiveFusion", "JointAttention", "DepthwiseConv2d", "LargeKernelDWConv2d"]
+__all__ = ["GlobalSpatialAttention", "CrossImageAttention", "DualInteractiveFusion", "JointAttention",
+           "DepthwiseConv2d", "LargeKernelDWConv2d", "SobelBoundaryLoss", "DINLoss", "soft_dice_loss"]

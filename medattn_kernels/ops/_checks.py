@@ -52,7 +52,12 @@ def check_scale(scale, name: str = "scale") -> Optional[float]:
 
 
 def check_int_pair(value, name: str, minimum: int) -> tuple:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list, torch.Size)):
+        pair = tuple(value)
+    else:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
