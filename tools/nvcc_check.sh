@@ -7,8 +7,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-if ! command -v "$PYTHON" >/dev/null 2>&1 && [ -x /work/venv/bin/python ]; then PYTHON=/work/venv/bin/python; fi
+PYTHON="${PYTHON:-python3}"
 NVCC="${NVCC:-nvcc}"
 ARCH="${NVCC_ARCH:-sm_90}"
 
