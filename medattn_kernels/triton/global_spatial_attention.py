@@ -17,13 +17,17 @@ BLOCK_P = 256
 
 
 @triton.jit
+def _pixel_tile(HW, tiles, stride_b, stride_p, BLOCK_P: tl.constexpr):
+    """This program's pixel tile: 64-bit element offsets of its pixels in channel 0, and the tail mask."""
+    pid = tl.program_id(0)
+    offs = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return (pid // tiles).to(tl.int64) * stride_b + offs.to(tl.int64) * stride_p, offs < HW
+
+
+@triton.jit
 def _gsa_forward_kernel(x_ptr, y_ptr, out_ptr, C, HW, tiles, stride_b, stride_c, stride_p,
                         HAS_Y: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // tiles
-    offs = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = offs < HW
-    base = b.to(tl.int64) * stride_b + offs.to(tl.int64) * stride_p
+    base, mask = _pixel_tile(HW, tiles, stride_b, stride_p, BLOCK_P)
     sum_x = tl.zeros([BLOCK_P], dtype=tl.float32)
     sum_y = tl.zeros([BLOCK_P], dtype=tl.float32)
     xp = x_ptr + base
@@ -51,11 +55,7 @@ def _gsa_forward_kernel(x_ptr, y_ptr, out_ptr, C, HW, tiles, stride_b, stride_c,
 
 @triton.jit
 def _gsa_backward_kernel(g_ptr, x_ptr, gx_ptr, C, HW, tiles, stride_b, stride_c, stride_p, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // tiles
-    offs = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = offs < HW
-    base = b.to(tl.int64) * stride_b + offs.to(tl.int64) * stride_p
+    base, mask = _pixel_tile(HW, tiles, stride_b, stride_p, BLOCK_P)
     sum_x = tl.zeros([BLOCK_P], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_P], dtype=tl.float32)
     xp = x_ptr + base
