@@ -74,7 +74,11 @@ def _bi_backward_fake(grad_o_a, grad_o_b, q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b
     return tuple(torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
 
 
-def _bi_setup_context(ctx, inputs, output):
+# ---------------------------------------------------------------- two-direction autograd glue
+# The two-direction ops (bidirectional, tied) share their autograd glue: inputs are (*tensors, scale),
+# outputs (o_a, o_b, lse_a, lse_b), and the backward op takes (grad_o_a, grad_o_b, *tensors, *outputs, scale)
+# and returns one gradient per input tensor.
+def _two_way_setup_context(ctx, inputs, output):
     *tensors, scale = inputs
     o_a, o_b, lse_a, lse_b = output
     ctx.mark_non_differentiable(lse_a, lse_b)
@@ -82,12 +86,12 @@ def _bi_setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _bi_backward(ctx, backward_fn, grad_o_a, grad_o_b, _grad_lse_a=None, _grad_lse_b=None):
-    q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b, lse_a, lse_b = ctx.saved_tensors
-    wanted = [needs_grad(ctx, i) for i in range(6)]
+def _two_way_backward(ctx, backward_fn, grad_o_a, grad_o_b, _grad_lse_a=None, _grad_lse_b=None):
+    *tensors, o_a, o_b, lse_a, lse_b = ctx.saved_tensors
+    wanted = [needs_grad(ctx, i) for i in range(len(tensors))]
     if not any(wanted):
-        return (None,) * 7
-    grads = backward_fn(zeros_if_none(grad_o_a, o_a), zeros_if_none(grad_o_b, o_b), q_a, k_a, v_a, q_b, k_b, v_b,
+        return (None,) * (len(tensors) + 1)
+    grads = backward_fn(zeros_if_none(grad_o_a, o_a), zeros_if_none(grad_o_b, o_b), *tensors,
                         o_a, o_b, lse_a, lse_b, ctx.scale)
     return tuple(_grad(g, w) for g, w in zip(grads, wanted)) + (None,)
 
@@ -101,23 +105,6 @@ def _tied_fake(r_a, v_a, r_b, v_b, scale=None):
 def _tied_backward_fake(grad_o_a, grad_o_b, r_a, v_a, r_b, v_b, o_a, o_b, lse_row, lse_col, scale=None):
     return tuple(torch.empty_like(t) for t in (r_a, v_a, r_b, v_b))
 
-
-def _tied_setup_context(ctx, inputs, output):
-    *tensors, scale = inputs
-    o_a, o_b, lse_row, lse_col = output
-    ctx.mark_non_differentiable(lse_row, lse_col)
-    ctx.save_for_backward(*tensors, o_a, o_b, lse_row, lse_col)
-    ctx.scale = scale
-
-
-def _tied_backward(ctx, backward_fn, grad_o_a, grad_o_b, _grad_lse_row=None, _grad_lse_col=None):
-    r_a, v_a, r_b, v_b, o_a, o_b, lse_row, lse_col = ctx.saved_tensors
-    wanted = [needs_grad(ctx, i) for i in range(4)]
-    if not any(wanted):
-        return (None,) * 5
-    grads = backward_fn(zeros_if_none(grad_o_a, o_a), zeros_if_none(grad_o_b, o_b), r_a, v_a, r_b, v_b,
-                        o_a, o_b, lse_row, lse_col, ctx.scale)
-    return tuple(_grad(g, w) for g, w in zip(grads, wanted)) + (None,)
 
 
 def _triton(which: str):
@@ -133,11 +120,11 @@ CROSS_ATTENTION = FusedOp(
     backward_fake=_ca_backward_fake, triton=_triton("cross_attention"),
 ).register()
 BIDIRECTIONAL = FusedOp(
-    name="bidirectional_cross_attention", fake=_bi_fake, setup_context=_bi_setup_context, backward=_bi_backward,
+    name="bidirectional_cross_attention", fake=_bi_fake, setup_context=_two_way_setup_context, backward=_two_way_backward,
     backward_fake=_bi_backward_fake, triton=_triton("bidirectional"),
 ).register()
 TIED = FusedOp(
-    name="tied_cross_attention", fake=_tied_fake, setup_context=_tied_setup_context, backward=_tied_backward,
+    name="tied_cross_attention", fake=_tied_fake, setup_context=_two_way_setup_context, backward=_two_way_backward,
     backward_fake=_tied_backward_fake, triton=_triton("tied"),
 ).register()
 
