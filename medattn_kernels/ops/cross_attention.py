@@ -184,6 +184,16 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     return CROSS_ATTENTION.run(chosen, q, k, v, scale, gate)[0]
 
 
+def _run_two_way(op: FusedOp, reference_fn, tensors, first_name: str, scale, backend):
+    """(o_a, o_b) of a checked two-direction op (bidirectional, tied) from the chosen backend."""
+    scale = check_scale(scale)
+    chosen = op.resolve(backend, tensors[0], first_name)
+    if chosen == "reference":
+        return reference_fn(*tensors, scale)
+    o_a, o_b, _, _ = op.run(chosen, *tensors, scale)
+    return o_a, o_b
+
+
 def bidirectional_cross_attention(q_a: torch.Tensor, k_a: torch.Tensor, v_a: torch.Tensor, q_b: torch.Tensor,
                                   k_b: torch.Tensor, v_b: torch.Tensor, scale: Optional[float] = None, *,
                                   backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -208,12 +218,8 @@ def bidirectional_cross_attention(q_a: torch.Tensor, k_a: torch.Tensor, v_a: tor
     _check_tokens_count(v_a, "v_a", q_a, "q_a")
     _check_tokens_count(k_b, "k_b", q_b, "q_b")
     _check_tokens_count(v_b, "v_b", q_b, "q_b")
-    scale = check_scale(scale)
-    chosen = BIDIRECTIONAL.resolve(backend, q_a, "q_a")
-    if chosen == "reference":
-        return reference.bidirectional_cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
-    o_a, o_b, _, _ = BIDIRECTIONAL.run(chosen, q_a, k_a, v_a, q_b, k_b, v_b, scale)
-    return o_a, o_b
+    return _run_two_way(BIDIRECTIONAL, reference.bidirectional_cross_attention, (q_a, k_a, v_a, q_b, k_b, v_b),
+                        "q_a", scale, backend)
 
 
 def tied_cross_attention(r_a: torch.Tensor, v_a: torch.Tensor, r_b: torch.Tensor, v_b: torch.Tensor,
@@ -236,9 +242,4 @@ def tied_cross_attention(r_a: torch.Tensor, v_a: torch.Tensor, r_b: torch.Tensor
     _check_head_dim(r_b, "r_b", r_a, "r_a")
     _check_tokens_count(v_a, "v_a", r_a, "r_a")
     _check_tokens_count(v_b, "v_b", r_b, "r_b")
-    scale = check_scale(scale)
-    chosen = TIED.resolve(backend, r_a, "r_a")
-    if chosen == "reference":
-        return reference.tied_cross_attention(r_a, v_a, r_b, v_b, scale)
-    o_a, o_b, _, _ = TIED.run(chosen, r_a, v_a, r_b, v_b, scale)
-    return o_a, o_b
+    return _run_two_way(TIED, reference.tied_cross_attention, (r_a, v_a, r_b, v_b), "r_a", scale, backend)
