@@ -226,7 +226,8 @@ void online_softmax_update(T* scores, int64_t nr, int64_t nc, const T* v, int64_
     const T mx = row_max(row, nc);
     const T m_new = mx > m[r] ? mx : m[r];
     const T alpha = rescale_factor(m[r], m_new);
-    l[r] = l[r] * alpha + exp_sub_sum(row, nc, m_new);
+    // one rounding (fma), as GCC contracted the inline expression: pinned so that results do not depend on inlining
+    l[r] = std::fma(l[r], alpha, exp_sub_sum(row, nc, m_new));
     if (alpha != T(1)) {
       T* a = acc.data() + r * dv;
       for (int64_t c = 0; c < dv; ++c) a[c] *= alpha;
