@@ -10,8 +10,8 @@
 // called directly on raw pointers, which costs nothing per call, unlike at::mm on from_blob views
 // (the call falls back to a plain loop where the BLAS symbols are missing). Large key blocks (512)
 // keep MKL near its peak and make the online-softmax rescaling negligible. The other cost is one
-// exp per score (two for the tied op): a branch-free Cody-Waite + degree-6 polynomial exp that GCC
-// vectorises (AVX-512: 16 lanes), 1e-7 relative error, NaN-propagating, exactly 0 below e^-87.
+// exp per score (two for the tied op): the branch-free Cody-Waite + Cephes polynomial exp of
+// medattn/vec_math.h (AVX-512: 16 lanes), 1e-7 relative error, NaN-propagating, exactly 0 below e^-87.3.
 //
 // Parallelism and determinism (no atomics): the forward is parallel over (problem, batch x head, query
 // block) items that own their outputs. Backward and the tied forward accumulate column-indexed results
@@ -24,15 +24,16 @@
 // bfloat16 inputs are computed in float32 (converted once on entry); float64 runs in double with
 // std::exp (the test oracle path).
 #include "medattn/common.h"
+#include "medattn/vec_math.h"  // exp_nonpositive, exp16_nan
 
 #include <algorithm>
 #include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#include <cstring>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -98,69 +99,12 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   }
 }
 
-// ------------------------------------------------------------------------------------------ exp
-// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for exactness); exp(r)
-// by Cephes' degree-6 polynomial; 2^n built in the exponent bits. Branch-free, so loops over it
-// vectorise. NaN stays NaN (comparisons with NaN are false), below -87 the result is 0 as exp's is
-// within float's normal range, and +inf cannot occur (arguments are score - max <= 0).
-inline float exp_fast(float x) {
-  const float xin = x;
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  const float t = x * 1.44269504088896341f + magic;
-  const float n = t - magic;
-  int32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (bits - 0x4B400000 + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &e, sizeof(two_n));
-  return xin < -87.0f ? 0.0f : p * two_n;
-}
-inline double exp_fast(double x) { return std::exp(x); }
-
 #if defined(__AVX512F__)
 // GCC 12's _mm512_reduce_* intrinsics start from _mm512_undefined and trip -Wmaybe-uninitialized.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// The same exp on 16 floats (GCC's auto-vectoriser stops at 256-bit vectors and leaves the reductions
-// scalar, so the float hot loops are written with AVX-512 intrinsics).
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);  // max(x, lo) returns lo for NaN x: NaN is restored below
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 n = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000)), _mm512_set1_epi32(127)),
-      23);
-  const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-  return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
-}
-inline __m512 exp16_nan(__m512 x) {  // NaN in, NaN out
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_mask_blend_ps(nan, exp16(x), x);
-}
+// The float hot loops below are written with AVX-512 intrinsics: GCC's auto-vectoriser stops at 256-bit
+// vectors and leaves the reductions scalar.
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
 #endif
 
@@ -180,7 +124,7 @@ T exp_sub_sum(T* __restrict x, int64_t n, T m) {
     return _mm512_reduce_add_ps(sum);
   }
 #endif
-  for (int64_t c = 0; c < n; ++c) x[c] = exp_fast(x[c] - m);
+  for (int64_t c = 0; c < n; ++c) x[c] = exp_nonpositive(x[c] - m);
   T lanes[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
@@ -204,7 +148,7 @@ void exp_sub_vec(T* __restrict dst, const T* __restrict src, const T* __restrict
     return;
   }
 #endif
-  for (int64_t c = 0; c < n; ++c) dst[c] = exp_fast(src[c] - sub[c]);
+  for (int64_t c = 0; c < n; ++c) dst[c] = exp_nonpositive(src[c] - sub[c]);
 }
 
 // x[c] = exp(x[c] - m) (the backward's probabilities from the saved log-sum-exp).
@@ -220,7 +164,7 @@ void exp_sub(T* __restrict x, int64_t n, T m) {
     return;
   }
 #endif
-  for (int64_t c = 0; c < n; ++c) x[c] = exp_fast(x[c] - m);
+  for (int64_t c = 0; c < n; ++c) x[c] = exp_nonpositive(x[c] - m);
 }
 
 // Max ignoring NaN (a NaN score still reaches the output through exp(NaN - max)).
@@ -262,6 +206,50 @@ T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+// ------------------------------------------------------------------------------------------ online softmax
+// Row state of the online softmax of nr query rows over key blocks: running max m[r], running sum l[r]
+// and the unnormalised output acc[r, :dv] = sum_j exp(s_rj - m[r]) v_j.
+template <typename T>
+void online_softmax_start(int64_t nr, int64_t dv, std::vector<T>& m, std::vector<T>& l, std::vector<T>& acc) {
+  std::fill(acc.begin(), acc.begin() + nr * dv, T(0));
+  std::fill(m.begin(), m.begin() + nr, -std::numeric_limits<T>::infinity());
+  std::fill(l.begin(), l.begin() + nr, T(0));
+}
+
+// Folds one block of scores [nr, nc] (overwritten by exp(s - new max)) and its values v [nc, dv] into
+// the row state: rescale l and acc by exp(old max - new max), then acc += P v.
+template <typename T>
+void online_softmax_update(T* scores, int64_t nr, int64_t nc, const T* v, int64_t dv, std::vector<T>& m,
+                           std::vector<T>& l, std::vector<T>& acc) {
+  for (int64_t r = 0; r < nr; ++r) {
+    T* row = scores + r * nc;
+    const T mx = row_max(row, nc);
+    const T m_new = mx > m[r] ? mx : m[r];
+    const T alpha = rescale_factor(m[r], m_new);
+    // one rounding (fma), as GCC contracted the inline expression: pinned so that results do not depend on inlining
+    l[r] = std::fma(l[r], alpha, exp_sub_sum(row, nc, m_new));
+    if (alpha != T(1)) {
+      T* a = acc.data() + r * dv;
+      for (int64_t c = 0; c < dv; ++c) a[c] *= alpha;
+    }
+    m[r] = m_new;
+  }
+  gemm<T>(false, false, nr, dv, nc, T(1), scores, nc, v, dv, T(1), acc.data(), dv);
+}
+
+// out[r] = acc[r] / l[r] (* sigmoid(gate[r]) where gate is given), lse[r] = m[r] + log l[r].
+template <typename T>
+void online_softmax_finish(int64_t nr, int64_t dv, const std::vector<T>& m, const std::vector<T>& l,
+                           const std::vector<T>& acc, const T* gate, T* out, T* lse) {
+  for (int64_t r = 0; r < nr; ++r) {
+    // l == 0 only without keys (Nk = 0): softmax over nothing, an empty sum, gives zeros.
+    T factor = l[r] == T(0) ? T(0) : T(1) / l[r];
+    if (gate != nullptr) factor *= sigmoid(gate[r]);
+    for (int64_t c = 0; c < dv; ++c) out[r * dv + c] = acc[r * dv + c] * factor;
+    lse[r] = m[r] + std::log(l[r]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ problems
 // One attention direction over all (batch, head) pairs: out = softmax(scale q k^T) v (* sigmoid(gate)).
 // Pointers are to contiguous [BH, N, D] data; stats (lse, delta) are [BH, Nq].
@@ -290,6 +278,12 @@ struct Attention {
 
 inline int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 
+// The query blocks [first, second) of stripe `stripe` out of `stripes` over n query rows.
+inline std::pair<int64_t, int64_t> stripe_blocks(int64_t n, int64_t stripe, int64_t stripes) {
+  const int64_t nqb = blocks(n, kBlockQ);
+  return {stripe * nqb / stripes, (stripe + 1) * nqb / stripes};
+}
+
 // Stripes of query blocks per (problem, bh) so that the backward has about one item per thread.
 inline int64_t stripe_count(int64_t items, int64_t query_blocks) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -304,36 +298,15 @@ void forward_block(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>
   const T* q = p.q + (bh * p.nq + i0) * p.d;
   const T* k = p.k + bh * p.nk * p.d;
   const T* v = p.v + bh * p.nk * p.dv;
-  std::fill(acc.begin(), acc.begin() + nr * p.dv, T(0));
-  std::fill(m.begin(), m.begin() + nr, -std::numeric_limits<T>::infinity());
-  std::fill(l.begin(), l.begin() + nr, T(0));
+  online_softmax_start(nr, p.dv, m, l, acc);
   for (int64_t j0 = 0; j0 < p.nk; j0 += kBlockK) {
     const int64_t nc = std::min(kBlockK, p.nk - j0);
     T* s = scores.data();
     gemm<T>(false, true, nr, nc, p.d, p.scale, q, p.d, k + j0 * p.d, p.d, T(0), s, nc);
-    for (int64_t r = 0; r < nr; ++r) {
-      T* row = s + r * nc;
-      const T mx = row_max(row, nc);
-      const T m_new = mx > m[r] ? mx : m[r];
-      const T alpha = rescale_factor(m[r], m_new);
-      l[r] = l[r] * alpha + exp_sub_sum(row, nc, m_new);
-      if (alpha != T(1)) {
-        T* a = acc.data() + r * p.dv;
-        for (int64_t c = 0; c < p.dv; ++c) a[c] *= alpha;
-      }
-      m[r] = m_new;
-    }
-    gemm<T>(false, false, nr, p.dv, nc, T(1), s, nc, v + j0 * p.dv, p.dv, T(1), acc.data(), p.dv);
+    online_softmax_update(s, nr, nc, v + j0 * p.dv, p.dv, m, l, acc);
   }
-  T* out = p.out + (bh * p.nq + i0) * p.dv;
-  T* lse = p.lse + bh * p.nq + i0;
-  for (int64_t r = 0; r < nr; ++r) {
-    // l == 0 only without keys (Nk = 0): softmax over nothing, an empty sum, gives zeros.
-    T factor = l[r] == T(0) ? T(0) : T(1) / l[r];
-    if (p.gate != nullptr) factor *= sigmoid(p.gate[bh * p.nq + i0 + r]);
-    for (int64_t c = 0; c < p.dv; ++c) out[r * p.dv + c] = acc[r * p.dv + c] * factor;
-    lse[r] = m[r] + std::log(l[r]);
-  }
+  const T* gate = p.gate != nullptr ? p.gate + bh * p.nq + i0 : nullptr;
+  online_softmax_finish(nr, p.dv, m, l, acc, gate, p.out + (bh * p.nq + i0) * p.dv, p.lse + bh * p.nq + i0);
 }
 
 // Forward of one or two directions in one parallel_for over (problem, bh, query block).
@@ -379,8 +352,7 @@ void reduce_stripes(T* output, const T* partial, int64_t stripes, int64_t total)
 template <typename T>
 void backward_stripe(const Attention<T>& p, int64_t bh, int64_t stripe, std::vector<T>& probs,
                      std::vector<T>& dprobs) {
-  const int64_t nqb = blocks(p.nq, kBlockQ);
-  const int64_t b0 = stripe * nqb / p.stripes, b1 = (stripe + 1) * nqb / p.stripes;
+  const auto [b0, b1] = stripe_blocks(p.nq, stripe, p.stripes);
   T* dk = stripe_target(p.grad_k, p.grad_k_partial, stripe, bh, p.bh_count, p.nk, p.d);
   T* dv = stripe_target(p.grad_v, p.grad_v_partial, stripe, bh, p.bh_count, p.nk, p.dv);
   const T* k = p.k + bh * p.nk * p.d;
@@ -454,8 +426,7 @@ template <typename T>
 void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vector<T>& scores,
                          std::vector<T>& col_probs, std::vector<T>& acc, std::vector<T>& m, std::vector<T>& l,
                          std::vector<T>& col_block_max) {
-  const int64_t nqb = blocks(p.na, kBlockQ);
-  const int64_t b0 = stripe * nqb / p.stripes, b1 = (stripe + 1) * nqb / p.stripes;
+  const auto [b0, b1] = stripe_blocks(p.na, stripe, p.stripes);
   const int64_t state = stripe * p.bh_count + bh;
   T* cmax = p.col_max + state * p.nb;
   T* csum = p.col_sum + state * p.nb;
@@ -469,9 +440,7 @@ void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vect
     const int64_t i0 = qb * kBlockQ, nr = std::min(kBlockQ, p.na - i0);
     const T* ra = p.ra + (bh * p.na + i0) * p.d;
     const T* va = p.va + (bh * p.na + i0) * p.dva;
-    std::fill(acc.begin(), acc.begin() + nr * p.dvb, T(0));
-    std::fill(m.begin(), m.begin() + nr, -std::numeric_limits<T>::infinity());
-    std::fill(l.begin(), l.begin() + nr, T(0));
+    online_softmax_start(nr, p.dvb, m, l, acc);
     for (int64_t j0 = 0; j0 < p.nb; j0 += kBlockK) {
       const int64_t nc = std::min(kBlockK, p.nb - j0);
       T* s = scores.data();
@@ -500,27 +469,10 @@ void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vect
       }
       gemm<T>(true, false, nc, p.dva, nr, T(1), pc, nc, va, p.dva, T(1), cacc + j0 * p.dva, p.dva);
       // row direction: the ordinary online softmax
-      for (int64_t r = 0; r < nr; ++r) {
-        T* row = s + r * nc;
-        const T mx = row_max(row, nc);
-        const T m_new = mx > m[r] ? mx : m[r];
-        const T alpha = rescale_factor(m[r], m_new);
-        l[r] = l[r] * alpha + exp_sub_sum(row, nc, m_new);
-        if (alpha != T(1)) {
-          T* a = acc.data() + r * p.dvb;
-          for (int64_t c = 0; c < p.dvb; ++c) a[c] *= alpha;
-        }
-        m[r] = m_new;
-      }
-      gemm<T>(false, false, nr, p.dvb, nc, T(1), s, nc, vb + j0 * p.dvb, p.dvb, T(1), acc.data(), p.dvb);
+      online_softmax_update(s, nr, nc, vb + j0 * p.dvb, p.dvb, m, l, acc);
     }
-    T* oa = p.oa + (bh * p.na + i0) * p.dvb;
-    T* lse = p.lse_row + bh * p.na + i0;
-    for (int64_t r = 0; r < nr; ++r) {
-      const T inv = l[r] == T(0) ? T(0) : T(1) / l[r];
-      for (int64_t c = 0; c < p.dvb; ++c) oa[r * p.dvb + c] = acc[r * p.dvb + c] * inv;
-      lse[r] = m[r] + std::log(l[r]);
-    }
+    online_softmax_finish(nr, p.dvb, m, l, acc, static_cast<const T*>(nullptr), p.oa + (bh * p.na + i0) * p.dvb,
+                          p.lse_row + bh * p.na + i0);
   }
 }
 
@@ -554,8 +506,7 @@ void tied_merge_columns(const Tied<T>& p, int64_t bh, int64_t c0, int64_t c1) {
 //   dv_b += P_row^T dO_a, dv_a += P_col dO_b, dr_a += scale dS r_b, dr_b += scale dS^T r_a.
 template <typename T>
 void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vector<T>* buf) {
-  const int64_t nqb = blocks(p.na, kBlockQ);
-  const int64_t b0 = stripe * nqb / p.stripes, b1 = (stripe + 1) * nqb / p.stripes;
+  const auto [b0, b1] = stripe_blocks(p.na, stripe, p.stripes);
   T* drb = stripe_target(p.grad_rb, p.grad_rb_partial, stripe, bh, p.bh_count, p.nb, p.d);
   T* dvb = stripe_target(p.grad_vb, p.grad_vb_partial, stripe, bh, p.bh_count, p.nb, p.dvb);
   const T* rb = p.rb + bh * p.nb * p.d;
@@ -620,6 +571,33 @@ void check_dim(const at::Tensor& t, int64_t dim, const char* name, const at::Ten
               ref_name, "), got shape ", t.sizes());
 }
 
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_tokens(q, "q");
+  check_pair(k, "k", q, "q");
+  check_pair(v, "v", q, "q");
+  check_dim(k, 3, "k", q, "q");
+  check_dim(v, 2, "v", k, "k");
+}
+
+// The saved outputs, their gradients and log-sum-exps of a two-direction op: x_a [B, H, Na, .] and
+// x_b [.., Nb, .] are the token inputs of each side, v_a / v_b their values.
+void check_two_way_saved(const at::Tensor& x_a, const at::Tensor& v_a, const at::Tensor& x_b, const at::Tensor& v_b,
+                         const at::Tensor& o_a, const at::Tensor& o_b, const at::Tensor& grad_o_a,
+                         const at::Tensor& grad_o_b, const at::Tensor& lse_a, const char* lse_a_name,
+                         const at::Tensor& lse_b, const char* lse_b_name) {
+  const int64_t B = x_a.size(0), H = x_a.size(1), Na = x_a.size(2), Nb = x_b.size(2);
+  TORCH_CHECK(o_a.sizes() == at::IntArrayRef({B, H, Na, v_b.size(3)}), "o_a: expected shape [B, H, Na, Dvb]",
+              ", got ", o_a.sizes());
+  TORCH_CHECK(o_b.sizes() == at::IntArrayRef({B, H, Nb, v_a.size(3)}), "o_b: expected shape [B, H, Nb, Dva]",
+              ", got ", o_b.sizes());
+  TORCH_CHECK(grad_o_a.sizes() == o_a.sizes(), "grad_o_a: expected shape ", o_a.sizes(), ", got ", grad_o_a.sizes());
+  TORCH_CHECK(grad_o_b.sizes() == o_b.sizes(), "grad_o_b: expected shape ", o_b.sizes(), ", got ", grad_o_b.sizes());
+  TORCH_CHECK(lse_a.sizes() == at::IntArrayRef({B, H, Na}), lse_a_name, ": expected shape [B, H, Na], got ",
+              lse_a.sizes());
+  TORCH_CHECK(lse_b.sizes() == at::IntArrayRef({B, H, Nb}), lse_b_name, ": expected shape [B, H, Nb], got ",
+              lse_b.sizes());
+}
+
 // Kernels compute in float (float32, bfloat16) or double (float64) on contiguous data.
 inline at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -656,11 +634,7 @@ at::Tensor row_delta(const at::Tensor& grad_out, const at::Tensor& out) {
 std::tuple<at::Tensor, at::Tensor> cross_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                            const at::Tensor& v_in, std::optional<double> scale,
                                                            const std::optional<at::Tensor>& gate_in) {
-  check_tokens(q_in, "q");
-  check_pair(k_in, "k", q_in, "q");
-  check_pair(v_in, "v", q_in, "q");
-  check_dim(k_in, 3, "k", q_in, "q");
-  check_dim(v_in, 2, "v", k_in, "k");
+  check_qkv(q_in, k_in, v_in);
   at::Tensor gate;
   if (gate_in.has_value()) {
     check_rank(*gate_in, 3, "gate", "[B, H, Nq]");
@@ -689,11 +663,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_backw
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, std::optional<double> scale,
     const std::optional<at::Tensor>& gate_in) {
-  check_tokens(q_in, "q");
-  check_pair(k_in, "k", q_in, "q");
-  check_pair(v_in, "v", q_in, "q");
-  check_dim(k_in, 3, "k", q_in, "q");
-  check_dim(v_in, 2, "v", k_in, "k");
+  check_qkv(q_in, k_in, v_in);
   check_pair(out_in, "out", q_in, "q");
   check_pair(grad_in, "grad_out", q_in, "q");
   TORCH_CHECK(out_in.size(2) == q_in.size(2) && out_in.size(3) == v_in.size(3), "out: expected shape [B, H, Nq, Dv]",
@@ -795,18 +765,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<double> scale) {
   check_bidirectional(q_a_in, k_a_in, v_a_in, q_b_in, k_b_in, v_b_in);
   const int64_t B = q_a_in.size(0), H = q_a_in.size(1), Na = q_a_in.size(2), Nb = q_b_in.size(2);
-  TORCH_CHECK(o_a_in.sizes() == at::IntArrayRef({B, H, Na, v_b_in.size(3)}), "o_a: expected shape [B, H, Na, Dvb]",
-              ", got ", o_a_in.sizes());
-  TORCH_CHECK(o_b_in.sizes() == at::IntArrayRef({B, H, Nb, v_a_in.size(3)}), "o_b: expected shape [B, H, Nb, Dva]",
-              ", got ", o_b_in.sizes());
-  TORCH_CHECK(grad_o_a_in.sizes() == o_a_in.sizes(), "grad_o_a: expected shape ", o_a_in.sizes(), ", got ",
-              grad_o_a_in.sizes());
-  TORCH_CHECK(grad_o_b_in.sizes() == o_b_in.sizes(), "grad_o_b: expected shape ", o_b_in.sizes(), ", got ",
-              grad_o_b_in.sizes());
-  TORCH_CHECK(lse_a_in.sizes() == at::IntArrayRef({B, H, Na}), "lse_a: expected shape [B, H, Na], got ",
-              lse_a_in.sizes());
-  TORCH_CHECK(lse_b_in.sizes() == at::IntArrayRef({B, H, Nb}), "lse_b: expected shape [B, H, Nb], got ",
-              lse_b_in.sizes());
+  check_two_way_saved(q_a_in, v_a_in, q_b_in, v_b_in, o_a_in, o_b_in, grad_o_a_in, grad_o_b_in, lse_a_in, "lse_a",
+                      lse_b_in, "lse_b");
   const at::Tensor q_a = prep(q_a_in), k_a = prep(k_a_in), v_a = prep(v_a_in);
   const at::Tensor q_b = prep(q_b_in), k_b = prep(k_b_in), v_b = prep(v_b_in);
   const at::ScalarType ct = q_a.scalar_type();
@@ -927,18 +887,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tied_backward(
     const at::Tensor& lse_row_in, const at::Tensor& lse_col_in, std::optional<double> scale) {
   check_tied(r_a_in, v_a_in, r_b_in, v_b_in);
   const int64_t B = r_a_in.size(0), H = r_a_in.size(1), Na = r_a_in.size(2), Nb = r_b_in.size(2);
-  TORCH_CHECK(o_a_in.sizes() == at::IntArrayRef({B, H, Na, v_b_in.size(3)}), "o_a: expected shape [B, H, Na, Dvb]",
-              ", got ", o_a_in.sizes());
-  TORCH_CHECK(o_b_in.sizes() == at::IntArrayRef({B, H, Nb, v_a_in.size(3)}), "o_b: expected shape [B, H, Nb, Dva]",
-              ", got ", o_b_in.sizes());
-  TORCH_CHECK(grad_o_a_in.sizes() == o_a_in.sizes(), "grad_o_a: expected shape ", o_a_in.sizes(), ", got ",
-              grad_o_a_in.sizes());
-  TORCH_CHECK(grad_o_b_in.sizes() == o_b_in.sizes(), "grad_o_b: expected shape ", o_b_in.sizes(), ", got ",
-              grad_o_b_in.sizes());
-  TORCH_CHECK(lse_row_in.sizes() == at::IntArrayRef({B, H, Na}), "lse_row: expected shape [B, H, Na], got ",
-              lse_row_in.sizes());
-  TORCH_CHECK(lse_col_in.sizes() == at::IntArrayRef({B, H, Nb}), "lse_col: expected shape [B, H, Nb], got ",
-              lse_col_in.sizes());
+  check_two_way_saved(r_a_in, v_a_in, r_b_in, v_b_in, o_a_in, o_b_in, grad_o_a_in, grad_o_b_in, lse_row_in,
+                      "lse_row", lse_col_in, "lse_col");
   const at::Tensor r_a = prep(r_a_in), v_a = prep(v_a_in), r_b = prep(r_b_in), v_b = prep(v_b_in);
   const at::ScalarType ct = r_a.scalar_type();
   const at::Tensor g_a = grad_o_a_in.to(ct).contiguous(), g_b = grad_o_b_in.to(ct).contiguous();

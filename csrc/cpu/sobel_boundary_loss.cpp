@@ -24,6 +24,7 @@
 // Memory: only grad_pred (pred's size) outlives the call; buffers are per thread or temporary.
 
 #include "medattn/common.h"
+#include "medattn/vec_math.h"  // exp_nonpositive
 
 #include <algorithm>
 #include <cstring>
@@ -356,32 +357,6 @@ void for_each_pixel_tile(int64_t B, int64_t HW, const Fn& fn) {
     }
   });
 }
-
-// exp(x) for the softmax's x = z - max_c z <= 0, branch-free so that the loop vectorises (std::exp is a
-// libm call that GCC does not vectorise without -ffast-math): round-to-nearest range reduction
-// x = n ln2 + r (Cody-Waite split of ln2) and the Cephes expf polynomial, max relative error 8.4e-8
-// (about 1 ulp) over [-87.3, 0]. Below -87.3 (where expf underflows to denormals) it returns 0; NaN
-// gives NaN. double keeps std::exp.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.3f ? -87.3f : x;
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: round to nearest
-  n = n == n ? n : 0.0f;  // NaN: any n (the polynomial of NaN is NaN); keeps the int conversion defined
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : p * scale;
-}
-
-inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // probs = softmax_c(pred), in the accumulation type.
 template <typename scalar_t>

@@ -74,7 +74,11 @@ def _bi_backward_fake(grad_o_a, grad_o_b, q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b
     return tuple(torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
 
 
-def _bi_setup_context(ctx, inputs, output):
+# ---------------------------------------------------------------- two-direction autograd glue
+# The two-direction ops (bidirectional, tied) share their autograd glue: inputs are (*tensors, scale),
+# outputs (o_a, o_b, lse_a, lse_b), and the backward op takes (grad_o_a, grad_o_b, *tensors, *outputs, scale)
+# and returns one gradient per input tensor.
+def _two_way_setup_context(ctx, inputs, output):
     *tensors, scale = inputs
     o_a, o_b, lse_a, lse_b = output
     ctx.mark_non_differentiable(lse_a, lse_b)
@@ -82,12 +86,12 @@ def _bi_setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _bi_backward(ctx, backward_fn, grad_o_a, grad_o_b, _grad_lse_a=None, _grad_lse_b=None):
-    q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b, lse_a, lse_b = ctx.saved_tensors
-    wanted = [needs_grad(ctx, i) for i in range(6)]
+def _two_way_backward(ctx, backward_fn, grad_o_a, grad_o_b, _grad_lse_a=None, _grad_lse_b=None):
+    *tensors, o_a, o_b, lse_a, lse_b = ctx.saved_tensors
+    wanted = [needs_grad(ctx, i) for i in range(len(tensors))]
     if not any(wanted):
-        return (None,) * 7
-    grads = backward_fn(zeros_if_none(grad_o_a, o_a), zeros_if_none(grad_o_b, o_b), q_a, k_a, v_a, q_b, k_b, v_b,
+        return (None,) * (len(tensors) + 1)
+    grads = backward_fn(zeros_if_none(grad_o_a, o_a), zeros_if_none(grad_o_b, o_b), *tensors,
                         o_a, o_b, lse_a, lse_b, ctx.scale)
     return tuple(_grad(g, w) for g, w in zip(grads, wanted)) + (None,)
 
@@ -101,23 +105,6 @@ def _tied_fake(r_a, v_a, r_b, v_b, scale=None):
 def _tied_backward_fake(grad_o_a, grad_o_b, r_a, v_a, r_b, v_b, o_a, o_b, lse_row, lse_col, scale=None):
     return tuple(torch.empty_like(t) for t in (r_a, v_a, r_b, v_b))
 
-
-def _tied_setup_context(ctx, inputs, output):
-    *tensors, scale = inputs
-    o_a, o_b, lse_row, lse_col = output
-    ctx.mark_non_differentiable(lse_row, lse_col)
-    ctx.save_for_backward(*tensors, o_a, o_b, lse_row, lse_col)
-    ctx.scale = scale
-
-
-def _tied_backward(ctx, backward_fn, grad_o_a, grad_o_b, _grad_lse_row=None, _grad_lse_col=None):
-    r_a, v_a, r_b, v_b, o_a, o_b, lse_row, lse_col = ctx.saved_tensors
-    wanted = [needs_grad(ctx, i) for i in range(4)]
-    if not any(wanted):
-        return (None,) * 5
-    grads = backward_fn(zeros_if_none(grad_o_a, o_a), zeros_if_none(grad_o_b, o_b), r_a, v_a, r_b, v_b,
-                        o_a, o_b, lse_row, lse_col, ctx.scale)
-    return tuple(_grad(g, w) for g, w in zip(grads, wanted)) + (None,)
 
 
 def _triton(which: str):
@@ -133,11 +120,11 @@ CROSS_ATTENTION = FusedOp(
     backward_fake=_ca_backward_fake, triton=_triton("cross_attention"),
 ).register()
 BIDIRECTIONAL = FusedOp(
-    name="bidirectional_cross_attention", fake=_bi_fake, setup_context=_bi_setup_context, backward=_bi_backward,
+    name="bidirectional_cross_attention", fake=_bi_fake, setup_context=_two_way_setup_context, backward=_two_way_backward,
     backward_fake=_bi_backward_fake, triton=_triton("bidirectional"),
 ).register()
 TIED = FusedOp(
-    name="tied_cross_attention", fake=_tied_fake, setup_context=_tied_setup_context, backward=_tied_backward,
+    name="tied_cross_attention", fake=_tied_fake, setup_context=_two_way_setup_context, backward=_two_way_backward,
     backward_fake=_tied_backward_fake, triton=_triton("tied"),
 ).register()
 
@@ -197,6 +184,16 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     return CROSS_ATTENTION.run(chosen, q, k, v, scale, gate)[0]
 
 
+def _run_two_way(op: FusedOp, reference_fn, tensors, first_name: str, scale, backend):
+    """(o_a, o_b) of a checked two-direction op (bidirectional, tied) from the chosen backend."""
+    scale = check_scale(scale)
+    chosen = op.resolve(backend, tensors[0], first_name)
+    if chosen == "reference":
+        return reference_fn(*tensors, scale)
+    o_a, o_b, _, _ = op.run(chosen, *tensors, scale)
+    return o_a, o_b
+
+
 def bidirectional_cross_attention(q_a: torch.Tensor, k_a: torch.Tensor, v_a: torch.Tensor, q_b: torch.Tensor,
                                   k_b: torch.Tensor, v_b: torch.Tensor, scale: Optional[float] = None, *,
                                   backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -221,12 +218,8 @@ def bidirectional_cross_attention(q_a: torch.Tensor, k_a: torch.Tensor, v_a: tor
     _check_tokens_count(v_a, "v_a", q_a, "q_a")
     _check_tokens_count(k_b, "k_b", q_b, "q_b")
     _check_tokens_count(v_b, "v_b", q_b, "q_b")
-    scale = check_scale(scale)
-    chosen = BIDIRECTIONAL.resolve(backend, q_a, "q_a")
-    if chosen == "reference":
-        return reference.bidirectional_cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
-    o_a, o_b, _, _ = BIDIRECTIONAL.run(chosen, q_a, k_a, v_a, q_b, k_b, v_b, scale)
-    return o_a, o_b
+    return _run_two_way(BIDIRECTIONAL, reference.bidirectional_cross_attention, (q_a, k_a, v_a, q_b, k_b, v_b),
+                        "q_a", scale, backend)
 
 
 def tied_cross_attention(r_a: torch.Tensor, v_a: torch.Tensor, r_b: torch.Tensor, v_b: torch.Tensor,
@@ -249,9 +242,4 @@ def tied_cross_attention(r_a: torch.Tensor, v_a: torch.Tensor, r_b: torch.Tensor
     _check_head_dim(r_b, "r_b", r_a, "r_a")
     _check_tokens_count(v_a, "v_a", r_a, "r_a")
     _check_tokens_count(v_b, "v_b", r_b, "r_b")
-    scale = check_scale(scale)
-    chosen = TIED.resolve(backend, r_a, "r_a")
-    if chosen == "reference":
-        return reference.tied_cross_attention(r_a, v_a, r_b, v_b, scale)
-    o_a, o_b, _, _ = TIED.run(chosen, r_a, v_a, r_b, v_b, scale)
-    return o_a, o_b
+    return _run_two_way(TIED, reference.tied_cross_attention, (r_a, v_a, r_b, v_b), "r_a", scale, backend)

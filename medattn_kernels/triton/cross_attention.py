@@ -50,6 +50,28 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _load_tile(base, offs_n, mask_n, stride_n, offs_c, stride_c, mask_c):
+    # rows offs_n (int64 offsets) x columns offs_c, zero outside the masks
+    return tl.load(base + offs_n[:, None].to(tl.int64) * stride_n + offs_c[None, :] * stride_c,
+                   mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, offs_n, mask_n, width, offs_c, mask_c, value):
+    # into a contiguous [., width] output
+    tl.store(base + offs_n[:, None].to(tl.int64) * width + offs_c[None, :], value.to(base.dtype.element_ty),
+             mask=mask_n[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, first, offs, mask):
+    # the saved log-sum-exp and rowsum(dO * O) of rows first + offs
+    lse = tl.load(LSE + first + offs, mask=mask, other=0.0)
+    delta = tl.load(DELTA + first + offs, mask=mask, other=0.0)
+    return lse, delta
+
+
 def _blocks(d: int, dv: int):
     width = max(triton.next_power_of_2(d), triton.next_power_of_2(dv))
     if width <= 64:
@@ -79,8 +101,7 @@ def _fwd_problem(pid_m, bh, H, Q, K, V, O, LSE, G, sqb, sqh, sqn, sqd, skb, skh,
     mask_m = offs_m < NQ
     mask_d = offs_d < D
     mask_dv = offs_dv < DV
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, offs_d, sqd, mask_d)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -89,10 +110,8 @@ def _fwd_problem(pid_m, bh, H, Q, K, V, O, LSE, G, sqb, sqh, sqn, sqd, skb, skh,
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < NK
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_dv[None, :] * svd,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        k = _load_tile(k_base, offs_n, mask_n, skn, offs_d, skd, mask_d)
+        v = _load_tile(v_base, offs_n, mask_n, svn, offs_dv, svd, mask_dv)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -108,8 +127,7 @@ def _fwd_problem(pid_m, bh, H, Q, K, V, O, LSE, G, sqb, sqh, sqn, sqd, skb, skh,
     if HAS_GATE:
         g = tl.load(G + row, mask=mask_m, other=0.0).to(tl.float32)
         out = out * tl.sigmoid(g)[:, None]
-    tl.store(O + row[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_dv[None, :])
+    _store_tile(O + bh.to(tl.int64) * NQ * DV, offs_m, mask_m, DV, offs_dv, mask_dv, out)
     tl.store(LSE + row, m_i + tl.log(l_i), mask=mask_m)
 
 
@@ -179,10 +197,8 @@ def _bwd_kv_problem(pid_n, bh, H, Q, K, V, DO, LSE, DELTA, DK, DV_, sqb, sqh, sq
     mask_n = offs_n < NK
     mask_d = offs_d < D
     mask_dv = offs_dv < DV
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None].to(tl.int64) * svn + offs_dv[None, :] * svd,
-                mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    k = _load_tile(K + b * skb + h * skh, offs_n, mask_n, skn, offs_d, skd, mask_d)
+    v = _load_tile(V + b * svb + h * svh, offs_n, mask_n, svn, offs_dv, svd, mask_dv)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     q_base = Q + b * sqb + h * sqh
@@ -190,12 +206,9 @@ def _bwd_kv_problem(pid_n, bh, H, Q, K, V, DO, LSE, DELTA, DK, DV_, sqb, sqh, sq
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + offs_m0
         mask_m = offs_m < NQ
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(DO + (row0 + offs_m[:, None]) * DV + offs_dv[None, :], mask=mask_m[:, None] & mask_dv[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
+        q = _load_tile(q_base, offs_m, mask_m, sqn, offs_d, sqd, mask_d)
+        do = _load_tile(DO + row0 * DV, offs_m, mask_m, DV, offs_dv, 1, mask_dv)
+        lse, delta = _load_row_stats(LSE, DELTA, row0, offs_m, mask_m)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
@@ -203,10 +216,8 @@ def _bwd_kv_problem(pid_n, bh, H, Q, K, V, DO, LSE, DELTA, DK, DV_, sqb, sqh, sq
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
     col0 = bh.to(tl.int64) * NK
-    tl.store(DK + (col0 + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=mask_n[:, None] & mask_d[None, :])
-    tl.store(DV_ + (col0 + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=mask_n[:, None] & mask_dv[None, :])
+    _store_tile(DK + col0 * D, offs_n, mask_n, D, offs_d, mask_d, dk * scale)
+    _store_tile(DV_ + col0 * DV, offs_n, mask_n, DV, offs_dv, mask_dv, dv)
 
 
 @triton.jit
@@ -224,29 +235,23 @@ def _bwd_q_problem(pid_m, bh, H, Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, sqd
     mask_d = offs_d < D
     mask_dv = offs_dv < DV
     row0 = bh.to(tl.int64) * NQ
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    do = tl.load(DO + (row0 + offs_m[:, None]) * DV + offs_dv[None, :], mask=mask_m[:, None] & mask_dv[None, :],
-                 other=0.0)
-    lse = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, offs_d, sqd, mask_d)
+    do = _load_tile(DO + row0 * DV, offs_m, mask_m, DV, offs_dv, 1, mask_dv)
+    lse, delta = _load_row_stats(LSE, DELTA, row0, offs_m, mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < NK
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_dv[None, :] * svd,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        k = _load_tile(k_base, offs_n, mask_n, skn, offs_d, skd, mask_d)
+        v = _load_tile(v_base, offs_n, mask_n, svn, offs_dv, svd, mask_dv)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    _store_tile(DQ + row0 * D, offs_m, mask_m, D, offs_d, mask_d, dq * scale)
 
 
 @triton.jit
@@ -311,13 +316,39 @@ def _delta(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ tied backward
 @triton.jit
+def _tied_side_tiles(r_base, v_base, DO, LSE, DELTA, first, offs, mask, srn, srd, svn, svd, do_width, offs_d, mask_d,
+                     offs_dv, mask_v, mask_do):
+    # One side's tiles for its tokens `offs` (first: the flat index of this (b, h)'s token 0): its r and v,
+    # the gradient of the output its tokens index (o_a for side a, o_b for side b), that output's lse and delta.
+    r = _load_tile(r_base, offs, mask, srn, offs_d, srd, mask_d)
+    v = _load_tile(v_base, offs, mask, svn, offs_dv, svd, mask_v)
+    do = _load_tile(DO + first * do_width, offs, mask, do_width, offs_dv, 1, mask_do)
+    lse, delta = _load_row_stats(LSE, DELTA, first, offs, mask)
+    return r, v, do, lse, delta
+
+
+@triton.jit
+def _tied_ds(ra, va, doa, lse_r, delta_r, rb, vb, dob, lse_c, delta_c, valid, scale, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+    # P_row = exp(S - lse_row), P_col = exp(S - lse_col) and
+    # dS = P_row (dO_a v_b^T - delta_row) + P_col (v_a dO_b^T - delta_col) of one [rows, columns] tile
+    s = _dot(ra, tl.trans(rb), PRECISION, UPCAST) * scale
+    p_row = tl.where(valid, tl.exp(s - lse_r[:, None]), 0.0)
+    p_col = tl.where(valid, tl.exp(s - lse_c[None, :]), 0.0)
+    dp_row = _dot(doa, tl.trans(vb), PRECISION, UPCAST)
+    dp_col = _dot(va, tl.trans(dob), PRECISION, UPCAST)
+    ds = p_row * (dp_row - delta_r[:, None]) + p_col * (dp_col - delta_c[None, :])
+    return p_row, p_col, ds
+
+
+@triton.jit
 def _tied_bwd_kernel(H, D, scale, RA, VA, RB, VB, DOA, DOB, LSE_ROW, LSE_COL, DELTA_ROW, DELTA_COL, DRA, DVA, DRB,
                      DVB, srab, srah, sran, srad, svab, svah, svan, svad, srbb, srbh, srbn, srbd, svbb, svbh, svbn,
                      svbd, NA, NB, DVA_DIM, DVB_DIM, COL_BLOCKS,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # grid axis 0: column blocks (own dr_b, dv_b; loop over rows), then row blocks (own dr_a, dv_a; loop
-    # over columns). Both form dS = P_row (dO_a v_b^T - delta_row) + P_col (v_a dO_b^T - delta_col).
+    # over columns). Both form dS with _tied_ds.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -345,76 +376,42 @@ def _tied_bwd_kernel(H, D, scale, RA, VA, RB, VB, DOA, DOB, LSE_ROW, LSE_COL, DE
         mask_n = offs_n < NB
         acc_r = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        rb = tl.load(rb_base + offs_n[:, None].to(tl.int64) * srbn + offs_d[None, :] * srbd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        vb = tl.load(vb_base + offs_n[:, None].to(tl.int64) * svbn + offs_dv[None, :] * svbd,
-                     mask=mask_n[:, None] & mask_dvb[None, :], other=0.0)
-        dob = tl.load(DOB + (col0 + offs_n[:, None]) * DVA_DIM + offs_dv[None, :],
-                      mask=mask_n[:, None] & mask_dva[None, :], other=0.0)
-        lse_c = tl.load(LSE_COL + col0 + offs_n, mask=mask_n, other=0.0)
-        delta_c = tl.load(DELTA_COL + col0 + offs_n, mask=mask_n, other=0.0)
+        rb, vb, dob, lse_c, delta_c = _tied_side_tiles(rb_base, vb_base, DOB, LSE_COL, DELTA_COL, col0, offs_n,
+                                                       mask_n, srbn, srbd, svbn, svbd, DVA_DIM, offs_d, mask_d,
+                                                       offs_dv, mask_dvb, mask_dva)
         for start_m in range(0, steps, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < NA
-            ra = tl.load(ra_base + offs_m[:, None].to(tl.int64) * sran + offs_d[None, :] * srad,
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            va = tl.load(va_base + offs_m[:, None].to(tl.int64) * svan + offs_dv[None, :] * svad,
-                         mask=mask_m[:, None] & mask_dva[None, :], other=0.0)
-            doa = tl.load(DOA + (row0 + offs_m[:, None]) * DVB_DIM + offs_dv[None, :],
-                          mask=mask_m[:, None] & mask_dvb[None, :], other=0.0)
-            lse_r = tl.load(LSE_ROW + row0 + offs_m, mask=mask_m, other=0.0)
-            delta_r = tl.load(DELTA_ROW + row0 + offs_m, mask=mask_m, other=0.0)
-            s = _dot(ra, tl.trans(rb), PRECISION, UPCAST) * scale
-            valid = mask_m[:, None] & mask_n[None, :]
-            p_row = tl.where(valid, tl.exp(s - lse_r[:, None]), 0.0)
-            p_col = tl.where(valid, tl.exp(s - lse_c[None, :]), 0.0)
-            dp_row = _dot(doa, tl.trans(vb), PRECISION, UPCAST)
-            dp_col = _dot(va, tl.trans(dob), PRECISION, UPCAST)
-            ds = p_row * (dp_row - delta_r[:, None]) + p_col * (dp_col - delta_c[None, :])
+            ra, va, doa, lse_r, delta_r = _tied_side_tiles(ra_base, va_base, DOA, LSE_ROW, DELTA_ROW, row0, offs_m,
+                                                           mask_m, sran, srad, svan, svad, DVB_DIM, offs_d, mask_d,
+                                                           offs_dv, mask_dva, mask_dvb)
+            p_row, p_col, ds = _tied_ds(ra, va, doa, lse_r, delta_r, rb, vb, dob, lse_c, delta_c,
+                                        mask_m[:, None] & mask_n[None, :], scale, PRECISION, UPCAST)
             acc_v += _dot(tl.trans(p_row).to(doa.dtype), doa, PRECISION, UPCAST)
             acc_r += _dot(tl.trans(ds).to(ra.dtype), ra, PRECISION, UPCAST)
-        tl.store(DRB + (col0 + offs_n[:, None]) * D + offs_d[None, :], (acc_r * scale).to(DRB.dtype.element_ty),
-                 mask=mask_n[:, None] & mask_d[None, :])
-        tl.store(DVB + (col0 + offs_n[:, None]) * DVB_DIM + offs_dv[None, :], acc_v.to(DVB.dtype.element_ty),
-                 mask=mask_n[:, None] & mask_dvb[None, :])
+        _store_tile(DRB + col0 * D, offs_n, mask_n, D, offs_d, mask_d, acc_r * scale)
+        _store_tile(DVB + col0 * DVB_DIM, offs_n, mask_n, DVB_DIM, offs_dv, mask_dvb, acc_v)
     else:
         offs_m = fixed0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < NA
         if fixed0 < NA:
             acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             acc_v = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            ra = tl.load(ra_base + offs_m[:, None].to(tl.int64) * sran + offs_d[None, :] * srad,
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            va = tl.load(va_base + offs_m[:, None].to(tl.int64) * svan + offs_dv[None, :] * svad,
-                         mask=mask_m[:, None] & mask_dva[None, :], other=0.0)
-            doa = tl.load(DOA + (row0 + offs_m[:, None]) * DVB_DIM + offs_dv[None, :],
-                          mask=mask_m[:, None] & mask_dvb[None, :], other=0.0)
-            lse_r = tl.load(LSE_ROW + row0 + offs_m, mask=mask_m, other=0.0)
-            delta_r = tl.load(DELTA_ROW + row0 + offs_m, mask=mask_m, other=0.0)
+            ra, va, doa, lse_r, delta_r = _tied_side_tiles(ra_base, va_base, DOA, LSE_ROW, DELTA_ROW, row0, offs_m,
+                                                           mask_m, sran, srad, svan, svad, DVB_DIM, offs_d, mask_d,
+                                                           offs_dv, mask_dva, mask_dvb)
             for start_n in range(0, steps, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < NB
-                rb = tl.load(rb_base + offs_n[:, None].to(tl.int64) * srbn + offs_d[None, :] * srbd,
-                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                vb = tl.load(vb_base + offs_n[:, None].to(tl.int64) * svbn + offs_dv[None, :] * svbd,
-                             mask=mask_n[:, None] & mask_dvb[None, :], other=0.0)
-                dob = tl.load(DOB + (col0 + offs_n[:, None]) * DVA_DIM + offs_dv[None, :],
-                              mask=mask_n[:, None] & mask_dva[None, :], other=0.0)
-                lse_c = tl.load(LSE_COL + col0 + offs_n, mask=mask_n, other=0.0)
-                delta_c = tl.load(DELTA_COL + col0 + offs_n, mask=mask_n, other=0.0)
-                s = _dot(ra, tl.trans(rb), PRECISION, UPCAST) * scale
-                valid = mask_m[:, None] & mask_n[None, :]
-                p_row = tl.where(valid, tl.exp(s - lse_r[:, None]), 0.0)
-                p_col = tl.where(valid, tl.exp(s - lse_c[None, :]), 0.0)
-                dp_row = _dot(doa, tl.trans(vb), PRECISION, UPCAST)
-                dp_col = _dot(va, tl.trans(dob), PRECISION, UPCAST)
-                ds = p_row * (dp_row - delta_r[:, None]) + p_col * (dp_col - delta_c[None, :])
+                rb, vb, dob, lse_c, delta_c = _tied_side_tiles(rb_base, vb_base, DOB, LSE_COL, DELTA_COL, col0,
+                                                               offs_n, mask_n, srbn, srbd, svbn, svbd, DVA_DIM,
+                                                               offs_d, mask_d, offs_dv, mask_dvb, mask_dva)
+                p_row, p_col, ds = _tied_ds(ra, va, doa, lse_r, delta_r, rb, vb, dob, lse_c, delta_c,
+                                            mask_m[:, None] & mask_n[None, :], scale, PRECISION, UPCAST)
                 acc_v += _dot(p_col.to(dob.dtype), dob, PRECISION, UPCAST)
                 acc_r += _dot(ds.to(rb.dtype), rb, PRECISION, UPCAST)
-            tl.store(DRA + (row0 + offs_m[:, None]) * D + offs_d[None, :], (acc_r * scale).to(DRA.dtype.element_ty),
-                     mask=mask_m[:, None] & mask_d[None, :])
-            tl.store(DVA + (row0 + offs_m[:, None]) * DVA_DIM + offs_dv[None, :], acc_v.to(DVA.dtype.element_ty),
-                     mask=mask_m[:, None] & mask_dva[None, :])
+            _store_tile(DRA + row0 * D, offs_m, mask_m, D, offs_d, mask_d, acc_r * scale)
+            _store_tile(DVA + row0 * DVA_DIM, offs_m, mask_m, DVA_DIM, offs_dv, mask_dva, acc_v)
 
 
 # ------------------------------------------------------------------------------------------ launchers
