@@ -2,6 +2,7 @@
 multi-scale Sobel boundary loss for medical image segmentation, as autograd-compatible
 torch.ops.medattn.* ops with C++ CPU, Triton and CUDA kernels and a pure-PyTorch reference each."""
 from . import _extension  # noqa: F401  (loads torch.ops.medattn before the op modules register on it)
+from . import nn, reference, testing  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _op_names
 from .ops._registry import BACKENDS, FORCE_REFERENCE_ENV, info_rows

@@ -57,11 +57,18 @@ def triton_status(device: Optional[torch.device] = None) -> Tuple[bool, str]:
     return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
 
 
+_KERNEL_CACHE: Dict[Tuple[str, str], bool] = {}
+
+
 def _has_kernel(qualname: str, key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
-    except RuntimeError:  # schema not registered (extension missing or stale)
-        return False
+    """Is a kernel registered for qualname under dispatch key `key`? Registrations happen at import,
+    so the answer is cached (which also keeps torch.compile from tracing the dispatcher query)."""
+    if (qualname, key) not in _KERNEL_CACHE:
+        try:
+            _KERNEL_CACHE[qualname, key] = torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+        except RuntimeError:  # schema not registered (extension missing or stale)
+            _KERNEL_CACHE[qualname, key] = False
+    return _KERNEL_CACHE[qualname, key]
 
 
 def _dtype_list(dtypes: Sequence[torch.dtype]) -> str:
@@ -186,6 +193,8 @@ class FusedOp:
         _OPS[self.name] = self
         if not self.defined or self._registered:
             return self
+        for qualname, key in ((self.qualname, "CPU"), (f"medattn::_cuda_{self.name}", "CUDA")):
+            _has_kernel(qualname, key)  # fill the cache before any torch.compile trace
         torch.library.register_fake(self.qualname)(self.fake)
         torch.library.register_fake(f"{self.qualname}_backward")(self.backward_fake)
         if self.cuda_cpp and hasattr(torch.ops.medattn, f"_cuda_{self.name}"):

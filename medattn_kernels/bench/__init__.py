@@ -1,0 +1,18 @@
+"""Benchmarks: the harness (harness.py), one module of cases per op (<op>.py, each defining
+`cases(device, dtype, quick) -> list[Case]`), and the CLI (cli.py, `python -m medattn_kernels.bench`)."""
+import importlib
+import pkgutil
+
+_NOT_OPS = {"harness", "cli", "__main__"}
+
+
+def op_modules() -> dict:
+    """{op name: module} for every module here that defines `cases`."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in _NOT_OPS:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "cases"):
+            found[info.name] = module
+    return found

@@ -1,0 +1,27 @@
+"""Cases for global_spatial_attention: DIN stage-1 maps (8, 96, 56, 56), one input and the DIFM sum."""
+import torch
+
+from .. import global_spatial_attention, reference
+from ..testing import make_tensor
+from .harness import Candidate, Case
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool):
+    shapes = [(2, 96, 56, 56)] if quick else [(8, 96, 56, 56), (8, 64, 112, 112)]
+    fused = "triton" if device.startswith("cuda") else "cpu"
+    out = []
+    for shape in shapes:
+        for two in (False, True):
+            def make(shape=shape, two=two):
+                x = make_tensor(shape, dtype, device, requires_grad=True)
+                return {"x": x, "y": make_tensor(shape, dtype, device, requires_grad=True) if two else None}
+
+            out.append(Case(
+                op="global_spatial_attention", shape=f"{tuple(shape)}{' x+y' if two else ''}", make_inputs=make,
+                candidates=[
+                    Candidate("reference", lambda x, y: global_spatial_attention(x, y, backend="reference"),
+                              "reference"),
+                    Candidate(f"medattn {fused}", lambda x, y: global_spatial_attention(x, y, backend=fused)),
+                ],
+                reference64=reference.global_spatial_attention))
+    return out

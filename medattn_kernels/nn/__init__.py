@@ -1,0 +1,5 @@
+"""nn.Modules built on the fused ops. Each takes `fused: bool`; fused=False runs the pure-PyTorch
+references, for side-by-side checks."""
+from .global_spatial_attention import GlobalSpatialAttention
+
+__all__ = ["GlobalSpatialAttention"]
