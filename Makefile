@@ -1,0 +1,53 @@
+# The README's commands. Each target does its own set-up on a fresh machine: a virtual environment in
+# .venv, the pinned tool chain (the CPU torch wheel when torch is not installed there), the extension.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# nilearn is needed only for the MRI files its wheel carries; --no-deps keeps scikit-learn & co out.
+NILEARN ?= nilearn==0.12.1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo bench test test-python test-triton test-cpp test-nvcc build setup clean
+
+demo: build  ## the main job: train DIN on real MRI, fused vs reference
+	$(VENV)/bin/medattn demo --out demo_out
+
+bench: build  ## every op's benchmark table on this machine
+	$(PY) -m medattn_kernels.bench --out bench_results
+
+test: build test-python test-triton test-cpp test-nvcc  ## everything CI runs
+
+$(VENV)/.setup-done: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps $(NILEARN)
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+build: setup
+	$(PIP) install -q -e . --no-build-isolation
+
+test-python: build
+	$(PY) -m pytest tests -m "not triton" -q -p no:cacheprovider
+
+# Triton kernels on CPU tensors: TRITON_INTERPRET must be set before triton is imported, hence a
+# separate pytest process.
+test-triton: build
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -m triton -q -p no:cacheprovider
+
+test-cpp: setup
+	cmake -S . -B cmake-build -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > cmake-build.log
+	cmake --build cmake-build -j2 >> cmake-build.log
+	ctest --test-dir cmake-build --output-on-failure
+
+# CUDA sources compile-only (no GPU here): a syntax or type error in a .cu file fails.
+test-nvcc: setup
+	@if command -v nvcc >/dev/null; then PYTHON=$(PY) bash tools/nvcc_check.sh; \
+	else echo "test-nvcc: skipped, nvcc not found"; fi
+
+clean:
+	rm -rf build cmake-build cmake-build.log medattn_kernels/_C*.so *.egg-info
