@@ -1,5 +1,6 @@
 """nn.Modules built on the fused ops. Each takes `fused: bool`; fused=False runs the pure-PyTorch
 references, for side-by-side checks."""
+from .attention import CrossImageAttention, DualInteractiveFusion, JointAttention
 from .global_spatial_attention import GlobalSpatialAttention
 
-__all__ = ["GlobalSpatialAttention"]
+__all__ = ["GlobalSpatialAttention", "CrossImageAttention", "DualInteractiveFusion", "JointAttention"]
