@@ -1,0 +1,414 @@
+// Depthwise conv2d on CPU (stride 1, zero padding, dilation): tiled direct convolution.
+//
+// Work items are (batch, channel, row tile). An item copies the input rows it needs into a zero-padded
+// "slab" in the accumulation type (float for float32/bfloat16, double for float64): padding, crops and
+// the bf16->float conversion happen once there, so the inner loops have no boundary branches. Each
+// output row is then computed in register blocks of up to kBlock SIMD vectors along W:
+//     acc[0:R*N] = bias;  for kh, kw: acc[0:R*N] += w[kh, kw] * slab[h + dh kh, dw kw : dw kw + R*N]
+// the inner loop is unit-stride along W (N = 16 floats / 8 doubles with AVX-512), one weight broadcast
+// per R fused multiply-adds whose input operand is an unaligned L1 load. The slab is wide enough
+// (a multiple of N plus the kernel's reach) that tail columns are computed into scratch lanes and
+// dropped, never read out of bounds.
+//
+// Backward:
+//  * grad input = correlation of grad_out with the flipped kernel: the same row kernel over a slab of
+//    grad_out whose origin is (ph - dh (KH-1), pw - dw (KW-1)) (a negative pad crops).
+//  * grad weight[kh, kw] = sum_{b,h,w} g[b,h,w] x_pad[h + dh kh, w + dw kw]: per item, for each kh and
+//    each block of kKwBlock taps, one g vector is loaded and multiplied against kKwBlock shifted x
+//    vectors into kKwBlock register accumulators, reduced over the item's rows. Each item writes its
+//    partial [KH*KW] sums (and the grad bias partial) to its own slot; a second pass sums the slots of
+//    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
+//    (the row tiling depends on the shape only).
+//
+// Layouts: NCHW is used as is; channels_last (and any other strided) input is copied to NCHW first and
+// the output converted back to channels_last when x was channels_last (a copy each way; a native NHWC
+// kernel would vectorise over C instead and is left for later).
+#include "medattn/common.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace medattn {
+namespace {
+
+// 64-byte GCC/Clang vectors: one AVX-512 register (two AVX2 registers on a portable build).
+typedef float vec_f32 __attribute__((vector_size(64)));
+typedef double vec_f64 __attribute__((vector_size(64)));
+typedef int32_t mask_f32 __attribute__((vector_size(64)));
+typedef int64_t mask_f64 __attribute__((vector_size(64)));
+
+template <typename acc>
+struct Simd;
+template <>
+struct Simd<float> {
+  using vec = vec_f32;
+  using mask = mask_f32;
+  static constexpr int N = 16;
+};
+template <>
+struct Simd<double> {
+  using vec = vec_f64;
+  using mask = mask_f64;
+  static constexpr int N = 8;
+};
+
+template <typename acc>
+inline typename Simd<acc>::vec loadu(const acc* p) {
+  typename Simd<acc>::vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc>
+inline void storeu(acc* p, typename Simd<acc>::vec v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc>
+inline typename Simd<acc>::vec splat(acc s) {
+  typename Simd<acc>::vec v;
+  for (int i = 0; i < Simd<acc>::N; ++i) v[i] = s;
+  return v;
+}
+
+template <typename acc>
+inline acc hsum(typename Simd<acc>::vec v) {
+  acc s = 0;
+  for (int i = 0; i < Simd<acc>::N; ++i) s += v[i];
+  return s;
+}
+
+constexpr int kBlock = 4;    // SIMD vectors per output register block (64 floats)
+constexpr int kKwBlock = 8;  // grad-weight taps accumulated together
+constexpr int64_t kMinItems = 64;  // row tiling: at least this many items per call (shape-only rule)
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Rows of one plane per work item: whole planes when there are enough of them, else split rows so
+// that there are about kMinItems items. Depends on the shape only (determinism of grad weight).
+inline int64_t rows_per_tile(int64_t planes, int64_t rows) {
+  const int64_t tiles = std::min<int64_t>(rows, std::max<int64_t>(1, (kMinItems + planes - 1) / planes));
+  return (rows + tiles - 1) / tiles;
+}
+
+struct Geometry {
+  int64_t KH, KW, dh, dw;
+};
+
+// Copies rows [row0, row0 + n_rows) x columns [col0, col0 + width) of a src_rows x src_cols plane into
+// slab (row stride `width`), zeros wherever the window leaves the plane. row0/col0 may be negative.
+template <typename scalar_t, typename acc>
+void fill_slab(acc* slab, const scalar_t* src, int64_t src_rows, int64_t src_cols, int64_t row0, int64_t n_rows,
+               int64_t col0, int64_t width) {
+  const int64_t c_lo = std::clamp<int64_t>(-col0, 0, width);
+  const int64_t c_hi = std::clamp<int64_t>(src_cols - col0, c_lo, width);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    acc* dst = slab + r * width;
+    const int64_t sr = row0 + r;
+    if (sr < 0 || sr >= src_rows) {
+      std::fill(dst, dst + width, acc(0));
+      continue;
+    }
+    std::fill(dst, dst + c_lo, acc(0));
+    const scalar_t* s = src + sr * src_cols + col0;
+    for (int64_t c = c_lo; c < c_hi; ++c) dst[c] = static_cast<acc>(s[c]);
+    std::fill(dst + c_hi, dst + width, acc(0));
+  }
+}
+
+// One register block: R vectors of one output row, out[0:R*N] = init + sum_taps w * slab window.
+template <typename acc, int R>
+inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, acc* out) {
+  using V = typename Simd<acc>::vec;
+  constexpr int N = Simd<acc>::N;
+  V a[R];
+  for (int r = 0; r < R; ++r) a[r] = splat<acc>(init);
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    const acc* row = slab + kh * g.dh * width;
+    const acc* wr = w + kh * g.KW;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const V wv = splat<acc>(wr[kw]);
+      const acc* p = row + kw * g.dw;
+      for (int r = 0; r < R; ++r) a[r] += wv * loadu<acc>(p + r * N);
+    }
+  }
+  for (int r = 0; r < R; ++r) storeu<acc>(out + r * N, a[r]);
+}
+
+// out_row[0:out_cols_padded] for the output row whose window starts at slab row `slab_row`.
+template <typename acc>
+void conv_row(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, acc* out_row,
+              int64_t out_cols) {
+  constexpr int N = Simd<acc>::N;
+  int64_t c = 0;
+  for (; c + kBlock * N <= out_cols; c += kBlock * N) conv_block<acc, kBlock>(slab_row + c, width, w, g, init, out_row + c);
+  const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
+  static_assert(kBlock == 4, "the switch below covers 1..kBlock vectors");
+  switch (rest) {
+    case 1: conv_block<acc, 1>(slab_row + c, width, w, g, init, out_row + c); break;
+    case 2: conv_block<acc, 2>(slab_row + c, width, w, g, init, out_row + c); break;
+    case 3: conv_block<acc, 3>(slab_row + c, width, w, g, init, out_row + c); break;
+    case 4: conv_block<acc, 4>(slab_row + c, width, w, g, init, out_row + c); break;
+    default: break;
+  }
+}
+
+// Correlation of every plane of `src` [P, src_rows, src_cols] with its kernel `w` [P, KH*KW] (acc type),
+// the window's origin at (row_origin, col_origin) of src, into `dst` [P, out_rows, out_cols]:
+//   dst[p, i, j] = bias[p] + sum_{kh,kw} w[p, kh, kw] src[p, row_origin + i + dh kh, col_origin + j + dw kw]
+// with zeros outside src. Shared by the forward (origin = -padding) and grad input (flipped kernel).
+template <typename scalar_t>
+void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w, const acc_t<scalar_t>* bias,
+                      int64_t B, int64_t C, int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
+                      int64_t row_origin, int64_t col_origin, const Geometry& g) {
+  using acc = acc_t<scalar_t>;
+  constexpr int N = Simd<acc>::N;
+  const int64_t planes = B * C;
+  const int64_t tile = rows_per_tile(planes, out_rows);
+  const int64_t tiles = (out_rows + tile - 1) / tile;
+  const int64_t cols_padded = round_up(out_cols, N);
+  const int64_t width = cols_padded + g.dw * (g.KW - 1);
+  at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> slab((tile + g.dh * (g.KH - 1)) * width);
+    std::vector<acc> row(cols_padded);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / tiles, c = p % C;
+      const int64_t r0 = (item % tiles) * tile, r1 = std::min(out_rows, r0 + tile);
+      const int64_t slab_rows = (r1 - r0) + g.dh * (g.KH - 1);
+      fill_slab(slab.data(), src + p * src_rows * src_cols, src_rows, src_cols, row_origin + r0, slab_rows,
+                col_origin, width);
+      const acc* wp = w + c * g.KH * g.KW;
+      const acc init = bias ? bias[c] : acc(0);
+      scalar_t* out = dst + p * out_rows * out_cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        conv_row<acc>(slab.data() + (r - r0) * width, width, wp, g, init, row.data(), out_cols);
+        scalar_t* o = out + r * out_cols;
+        for (int64_t j = 0; j < out_cols; ++j) o[j] = static_cast<scalar_t>(row[j]);
+      }
+    }
+  });
+}
+
+// grad weight / grad bias partials of one item: rows [r0, r1) of grad_out plane `gp` (Ho x Wo) against
+// the matching padded input rows. part_w[KH*KW] and *part_b receive the item's sums.
+template <typename acc>
+void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t xwidth, int64_t rows,
+                      int64_t out_cols, const Geometry& g, acc* part_w) {
+  using V = typename Simd<acc>::vec;
+  using M = typename Simd<acc>::mask;
+  constexpr int N = Simd<acc>::N;
+  const int64_t full = out_cols / N * N;  // columns covered by whole vectors
+  const bool tail = full < out_cols;
+  // Lanes past Wo of the last vector: g is zero there, and x is masked too so that an Inf/NaN input
+  // outside the valid window cannot leak a NaN (0 * Inf) into the sums.
+  M tail_mask;
+  for (int i = 0; i < N; ++i) tail_mask[i] = (full + i < out_cols) ? -1 : 0;
+  const V zero = splat<acc>(acc(0));
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    for (int64_t kw0 = 0; kw0 < g.KW; kw0 += kKwBlock) {
+      V a[kKwBlock];
+      for (int j = 0; j < kKwBlock; ++j) a[j] = zero;
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc* grow = gbuf + r * gwidth;
+        const acc* xrow = xslab + (r + kh * g.dh) * xwidth + kw0 * g.dw;
+        for (int64_t c = 0; c < full; c += N) {
+          const V gv = loadu<acc>(grow + c);
+          for (int j = 0; j < kKwBlock; ++j) a[j] += gv * loadu<acc>(xrow + c + j * g.dw);
+        }
+        if (tail) {
+          const V gv = loadu<acc>(grow + full);
+          for (int j = 0; j < kKwBlock; ++j) a[j] += gv * (tail_mask ? loadu<acc>(xrow + full + j * g.dw) : zero);
+        }
+      }
+      const int64_t n = std::min<int64_t>(kKwBlock, g.KW - kw0);
+      for (int j = 0; j < n; ++j) part_w[kh * g.KW + kw0 + j] = hsum<acc>(a[j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w, scalar_t* grad_b, int64_t B,
+                      int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t ph, int64_t pw,
+                      const Geometry& g) {
+  using acc = acc_t<scalar_t>;
+  constexpr int N = Simd<acc>::N;
+  const int64_t planes = B * C, taps = g.KH * g.KW;
+  const int64_t tile = rows_per_tile(planes, Ho);
+  const int64_t tiles = (Ho + tile - 1) / tile;
+  const int64_t gwidth = round_up(Wo, N);
+  // x columns read: up to gwidth + dw * (round_up(KW, kKwBlock) - 1) (whole tap blocks).
+  const int64_t xwidth = gwidth + g.dw * (round_up(g.KW, kKwBlock) - 1);
+  // Per item partials [B, tiles, C] x (taps + 1): summed per channel in (b, tile) order afterwards.
+  std::vector<acc> partial(planes * tiles * (taps + 1));
+  at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> xslab((tile + g.dh * (g.KH - 1)) * xwidth);
+    std::vector<acc> gbuf(tile * gwidth);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / tiles, t = item % tiles, b = p / C, c = p % C;
+      const int64_t r0 = t * tile, r1 = std::min(Ho, r0 + tile), rows = r1 - r0;
+      acc* part = partial.data() + ((b * tiles + t) * C + c) * (taps + 1);
+      fill_slab(gbuf.data(), gout + p * Ho * Wo, Ho, Wo, r0, rows, 0, gwidth);
+      if (grad_w) {
+        fill_slab(xslab.data(), x + p * H * W, H, W, r0 - ph, rows + g.dh * (g.KH - 1), -pw, xwidth);
+        weight_grad_item<acc>(gbuf.data(), gwidth, xslab.data(), xwidth, rows, Wo, g, part);
+      }
+      if (grad_b) {
+        acc s = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < Wo; ++j) s += gbuf[r * gwidth + j];
+        part[taps] = s;
+      }
+    }
+  });
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t k = 0; k <= taps; ++k) {
+        if ((k < taps && !grad_w) || (k == taps && !grad_b)) continue;
+        acc s = 0;
+        for (int64_t bt = 0; bt < B * tiles; ++bt) s += partial[(bt * C + c) * (taps + 1) + k];
+        if (k < taps)
+          grad_w[c * taps + k] = static_cast<scalar_t>(s);
+        else
+          grad_b[c] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+}
+
+// ---- argument checks and layout handling
+
+struct Conv {
+  int64_t B, C, H, W, KH, KW, ph, pw, dh, dw, Ho, Wo;
+  bool channels_last;
+};
+
+Conv check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_rank(x, 4, "x", "[B, C, H, W]");
+  check_cpu(x, "x");
+  check_float(x, "x");
+  check_rank(weight, 4, "weight", "[C, 1, KH, KW]");
+  check_same(x, weight, "x", "weight");
+  TORCH_CHECK(weight.size(0) == x.size(1) && weight.size(1) == 1, "weight: expected shape [C, 1, KH, KW] with C = ",
+              x.size(1), ", got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "weight: expected a non-empty kernel, got ", weight.sizes());
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "padding: expected two non-negative ints, got ", padding);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, "dilation: expected two ints >= 1, got ",
+              dilation);
+  Conv s;
+  s.B = x.size(0);
+  s.C = x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.KH = weight.size(2);
+  s.KW = weight.size(3);
+  s.ph = padding[0];
+  s.pw = padding[1];
+  s.dh = dilation[0];
+  s.dw = dilation[1];
+  s.Ho = s.H + 2 * s.ph - s.dh * (s.KH - 1);
+  s.Wo = s.W + 2 * s.pw - s.dw * (s.KW - 1);
+  TORCH_CHECK(s.Ho >= 1 && s.Wo >= 1, "x: output size ", s.Ho, "x", s.Wo, " is below 1 for input ", s.H, "x", s.W,
+              ", kernel ", s.KH, "x", s.KW, ", padding ", padding, ", dilation ", dilation);
+  s.channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  return s;
+}
+
+inline at::Tensor to_layout(const at::Tensor& nchw, bool channels_last) {
+  return channels_last ? nchw.contiguous(at::MemoryFormat::ChannelsLast) : nchw;
+}
+
+// The kernel taps in the accumulation type, optionally flipped in both directions (grad input).
+template <typename scalar_t>
+std::vector<acc_t<scalar_t>> taps_of(const at::Tensor& weight, bool flip) {
+  const at::Tensor w = weight.contiguous();
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  const int64_t C = w.size(0), KH = w.size(2), KW = w.size(3);
+  std::vector<acc_t<scalar_t>> out(C * KH * KW);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < KH; ++i)
+      for (int64_t j = 0; j < KW; ++j) {
+        const int64_t src = flip ? (KH - 1 - i) * KW + (KW - 1 - j) : i * KW + j;
+        out[(c * KH + i) * KW + j] = static_cast<acc_t<scalar_t>>(wp[c * KH * KW + src]);
+      }
+  return out;
+}
+
+at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in,
+                      at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const Conv s = check_conv(x_in, weight, padding, dilation);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    check_same(x_in, bias, "x", "bias");
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == s.C, "bias: expected shape [", s.C, "], got ", bias.sizes());
+  }
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({s.B, s.C, s.Ho, s.Wo}, x.options());
+  if (out.numel() == 0) return to_layout(out, s.channels_last);
+  const Geometry g{s.KH, s.KW, s.dh, s.dw};
+  MEDATTN_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d", [&] {
+    using acc = acc_t<scalar_t>;
+    const std::vector<acc> w = taps_of<scalar_t>(weight, false);
+    std::vector<acc> b;
+    if (bias.defined()) {
+      const scalar_t* bp = bias.const_data_ptr<scalar_t>();
+      b.assign(bp, bp + s.C);
+    }
+    correlate_planes<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), w.data(),
+                               bias.defined() ? b.data() : nullptr, s.B, s.C, s.H, s.W, s.Ho, s.Wo, -s.ph, -s.pw, g);
+  });
+  return to_layout(out, s.channels_last);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                           const at::Tensor& weight, at::IntArrayRef padding,
+                                                           at::IntArrayRef dilation, std::array<bool, 3> mask) {
+  const Conv s = check_conv(x_in, weight, padding, dilation);
+  check_rank(grad_in, 4, "grad_out", "[B, C, Ho, Wo]");
+  check_same(x_in, grad_in, "x", "grad_out");
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({s.B, s.C, s.Ho, s.Wo}), "grad_out: expected shape [", s.B, ", ",
+              s.C, ", ", s.Ho, ", ", s.Wo, "], got ", grad_in.sizes());
+  const at::Tensor gout = grad_in.contiguous();
+  at::Tensor grad_x = absent_like(x_in), grad_w = absent_like(x_in), grad_b = absent_like(x_in);
+  const Geometry g{s.KH, s.KW, s.dh, s.dw};
+  if (mask[0]) {
+    at::Tensor gx = at::empty({s.B, s.C, s.H, s.W}, x_in.options());
+    if (gx.numel() > 0) {
+      MEDATTN_DISPATCH_FLOATING(x_in.scalar_type(), "depthwise_conv2d_backward_input", [&] {
+        const std::vector<acc_t<scalar_t>> wf = taps_of<scalar_t>(weight, true);
+        correlate_planes<scalar_t>(gout.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), wf.data(),
+                                   nullptr, s.B, s.C, s.Ho, s.Wo, s.H, s.W, s.ph - s.dh * (s.KH - 1),
+                                   s.pw - s.dw * (s.KW - 1), g);
+      });
+    }
+    grad_x = to_layout(gx, s.channels_last);
+  }
+  if (mask[1] || mask[2]) {
+    if (mask[1]) grad_w = at::empty({s.C, 1, s.KH, s.KW}, x_in.options());
+    if (mask[2]) grad_b = at::empty({s.C}, x_in.options());
+    if (s.B == 0) {
+      if (mask[1]) grad_w.zero_();
+      if (mask[2]) grad_b.zero_();
+    } else {
+      const at::Tensor x = mask[1] ? x_in.contiguous() : x_in;
+      MEDATTN_DISPATCH_FLOATING(x_in.scalar_type(), "depthwise_conv2d_backward_weight", [&] {
+        weight_bias_grad<scalar_t>(gout.const_data_ptr<scalar_t>(), mask[1] ? x.const_data_ptr<scalar_t>() : nullptr,
+                                   mask[1] ? grad_w.mutable_data_ptr<scalar_t>() : nullptr,
+                                   mask[2] ? grad_b.mutable_data_ptr<scalar_t>() : nullptr, s.B, s.C, s.H, s.W, s.Ho,
+                                   s.Wo, s.ph, s.pw, g);
+      });
+    }
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medattn, CPU, m) {
+  m.impl("depthwise_conv2d", &dw_forward);
+  m.impl("depthwise_conv2d_backward", &dw_backward);
+}
+
+}  // namespace medattn
