@@ -2,5 +2,7 @@
 references, for side-by-side checks."""
 from .attention import CrossImageAttention, DualInteractiveFusion, JointAttention
 from .global_spatial_attention import GlobalSpatialAttention
+from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss  # noqa: F401
 
-__all__ = ["GlobalSpatialAttention", "CrossImageAttention", "DualInteractiveFusion", "JointAttention"]
+__all__ = ["GlobalSpatialAttention", "CrossImageAttention", "DualInteractiveFusion", "JointAttention",
+           "SobelBoundaryLoss", "DINLoss"]

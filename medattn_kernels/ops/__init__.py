@@ -3,6 +3,7 @@ op on torch.ops.medattn (see _registry.py)."""
 from .cross_attention import bidirectional_cross_attention, cross_attention, tied_cross_attention
 from .depthwise_conv2d import depthwise_conv2d
 from .global_spatial_attention import global_spatial_attention
+from .sobel_boundary_loss import sobel_boundary_loss
 
 __all__ = ["global_spatial_attention", "cross_attention", "bidirectional_cross_attention", "tied_cross_attention",
-           "depthwise_conv2d"]
+           "depthwise_conv2d", "sobel_boundary_loss"]
