@@ -2,11 +2,13 @@
 upsampling; the layers medattn accelerates come from medattn_kernels.nn / the functional ops)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..nn.losses import soft_dice_loss
 
 
 def backend_of(fused: bool) -> Optional[str]:
@@ -63,17 +65,6 @@ class SegmentationModel(nn.Module):
         return self.loss(outputs, batch["label"], **self.loss_extras(batch)), outputs
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
-                   include_background: bool = True) -> torch.Tensor:
-    """1 - mean over classes of 2 |p y| / (|p| + |y|), summed over the batch and pixels (softmax p)."""
-    probs = torch.softmax(logits, 1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    dice = (2 * inter + eps) / (probs.sum(dims) + onehot.sum(dims) + eps)
-    return 1 - (dice if include_background else dice[1:]).mean()
-
-
 def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ce_weight: float = 0.5,
                  dice_weight: float = 0.5) -> torch.Tensor:
     return ce_weight * F.cross_entropy(logits, target) + dice_weight * soft_dice_loss(logits, target)
@@ -82,15 +73,3 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ce_weight: float = 
 def attention_map(feature: torch.Tensor) -> torch.Tensor:
     """Self-attention-distillation map: channel sum of squared activations, softmax over H*W -> [B, H*W]."""
     return torch.softmax(feature.pow(2).sum(1).flatten(1), dim=1)
-
-
-def to_tokens(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, heads, H*W, C/heads] (the attention ops' layout)."""
-    b, c, h, w = x.shape
-    return x.reshape(b, heads, c // heads, h * w).transpose(-1, -2)
-
-
-def from_tokens(t: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
-    """[B, heads, H*W, D] -> [B, heads*D, H, W]."""
-    b, heads, n, d = t.shape
-    return t.transpose(-1, -2).reshape(b, heads * d, *hw)

@@ -54,7 +54,7 @@ class CrossModalSADNet(SegmentationModel):
             raise ValueError(f"modalities: expected at least 2, got {modalities}")
         self.fused, self.modalities, self.distill_weight = fused, modalities, distill_weight
         self.encoders = nn.ModuleList(_Encoder(in_channels, stem_width, widths) for _ in range(modalities))
-        self.fusions = nn.ModuleList(CrossImageAttention(c, num_heads=heads, fused=fused) for c in widths[1:])
+        self.fusions = nn.ModuleList(CrossImageAttention(c, heads=heads, fused=fused) for c in widths[1:])
         ups, cin = [], widths[-1]
         for c in reversed((stem_width,) + widths[:-1]):
             ups.append(UpBlock(cin, c, c))

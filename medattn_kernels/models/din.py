@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import DINLoss, DualInteractiveFusion
-from ._common import ConvBNAct, DoubleConv, SegmentationModel, UpBlock
+from ._common import ConvBNAct, SegmentationModel, UpBlock
 
 
 class DINEncoder(nn.Module):
@@ -79,7 +79,7 @@ class DIN(SegmentationModel):
         lows = (stem_width,) + widths[:-1]
         self.merge_orig = nn.ModuleList(LowHighMerge(lo, hi) for lo, hi in zip(lows, widths))
         self.merge_enh = nn.ModuleList(LowHighMerge(lo, hi) for lo, hi in zip(lows, widths))
-        self.difm = nn.ModuleList(DualInteractiveFusion(c, num_heads=heads, fused=fused) for c in widths)
+        self.difm = nn.ModuleList(DualInteractiveFusion(c, heads=heads, fused=fused) for c in widths)
         self.skip_full = ConvBNAct(2 * stem_width, stem_width, kernel_size=1)
         self.skip_half = ConvBNAct(2 * stem_width, stem_width, kernel_size=1)
         ups, cin = [], widths[-1]

@@ -55,7 +55,7 @@ class JointAttentionDenseUNet(SegmentationModel):
         c = self.bottleneck.out_channels
         if c % heads:
             raise ValueError(f"heads: the bottleneck width {c} must be divisible by heads={heads}")
-        self.attention = JointAttention(c, num_heads=heads, fused=fused)
+        self.attention = JointAttention(c, heads=heads, fused=fused)
         self.up_blocks, self.up_convs = nn.ModuleList(), nn.ModuleList()
         for skip_c in reversed(skips):
             self.up_convs.append(nn.Conv2d(c, skip_c // 2, 1, bias=False))
