@@ -29,8 +29,10 @@ def _stale_sources() -> list[str]:
         return []
     built = os.path.getmtime(_C.__file__)
     csrc = _PACKAGE_DIR.parent / "csrc"
-    newer = [p for p in glob.glob(str(csrc / "**" / "*.*"), recursive=True)
-             if p.endswith((".cpp", ".cu", ".h", ".cuh")) and os.path.getmtime(p) > built]
+    # What _C is built from on a CPU build (csrc/tests belongs to the CMake build only).
+    sources = [str(csrc / "ops.cpp")] + glob.glob(str(csrc / "cpu" / "*.cpp")) + \
+        glob.glob(str(csrc / "include" / "**" / "*.h"), recursive=True)
+    newer = [p for p in sources if os.path.getmtime(p) > built]
     return sorted(os.path.relpath(p, csrc.parent) for p in newer)
 
 

@@ -1,0 +1,95 @@
+"""Package-level behaviour: info(), the missing-extension fallback, the reference override, the
+benchmark CLI."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import medattn_kernels as mk
+from medattn_kernels.ops._registry import BACKENDS, registered_ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, env_extra=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_info_lists_every_op_and_backend(capsys):
+    rows = mk.info()
+    printed = capsys.readouterr().out
+    ops = registered_ops()
+    assert "global_spatial_attention" in ops
+    assert {(op, b) for op, b, _, _ in rows} == {(op, b) for op in ops for b in BACKENDS}
+    for op, backend, ok, detail in rows:
+        assert detail, f"{op}/{backend} has no reason"
+        assert op in printed
+    assert ("global_spatial_attention", "cpu", True) in {(o, b, ok) for o, b, ok, _ in rows}
+
+
+def test_imports_without_extension_and_says_why():
+    # A None entry in sys.modules makes `from . import _C` raise ImportError, as a missing build would.
+    proc = run_python("""
+        import sys, warnings
+        sys.modules["medattn_kernels._C"] = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import medattn_kernels as mk
+        assert any("_C could not be imported" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        rows = {(op, b): (ok, why) for op, b, ok, why in mk.info(print_table=False)}
+        ok, why = rows[("global_spatial_attention", "cpu")]
+        assert not ok and "pip install -e ." in why, why
+        import torch
+        x = torch.randn(2, 3, 4, 5, requires_grad=True)
+        out = mk.global_spatial_attention(x)          # falls back to the reference
+        ref = x * torch.sigmoid(x.mean(1, keepdim=True))
+        assert torch.allclose(out, ref)
+        try:
+            mk.global_spatial_attention(x, backend="cpu")
+        except RuntimeError as e:
+            assert "backend 'cpu' is not available" in str(e)
+        else:
+            raise AssertionError("explicit cpu backend without the extension must fail")
+        print("fallback ok")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback ok" in proc.stdout
+
+
+def test_force_reference_everywhere():
+    proc = run_python("""
+        import torch, medattn_kernels as mk
+        x = torch.randn(1, 2, 3, 3, requires_grad=True)
+        out = mk.global_spatial_attention(x, backend="cpu")
+        print(type(out.grad_fn).__name__)
+    """, {"MEDATTN_FORCE_REFERENCE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("Mul")
+
+
+def test_bench_cli_writes_table_json_csv(tmp_path):
+    from medattn_kernels.bench.cli import main
+    rc = main(["--ops", "global_spatial_attention", "--quick", "--reps", "3", "--budget", "0.5",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "global_spatial_attention_cpu_float32.json").read_text())
+    rows = data["results"]
+    backends = {r["backend"] for r in rows}
+    assert {"reference", "medattn cpu"} <= backends
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["max_rel_err"] < 1e-5
+        if r["backend"] == "medattn cpu":
+            assert r["saved_mib"] == 0.0 and r["vs_reference"] > 0
+    assert (tmp_path / "global_spatial_attention_cpu_float32.csv").read_text().startswith("op,shape,backend")
+
+
+def test_bench_cli_rejects_unknown_op(capsys):
+    from medattn_kernels.bench.cli import main
+    assert main(["--ops", "no_such_op"]) == 2
+    assert "unknown op" in capsys.readouterr().err
