@@ -27,6 +27,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace medattn {
@@ -65,11 +69,19 @@ inline void storeu(acc* p, typename Simd<acc>::vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Broadcast. A lane-by-lane fill compiles to 16 masked broadcasts with GCC, hence the intrinsics.
 template <typename acc>
 inline typename Simd<acc>::vec splat(acc s) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<acc, float>)
+    return (vec_f32)_mm512_set1_ps(s);
+  else
+    return (vec_f64)_mm512_set1_pd(s);
+#else
   typename Simd<acc>::vec v;
   for (int i = 0; i < Simd<acc>::N; ++i) v[i] = s;
   return v;
+#endif
 }
 
 template <typename acc>
@@ -117,39 +129,47 @@ void fill_slab(acc* slab, const scalar_t* src, int64_t src_rows, int64_t src_col
   }
 }
 
-// One register block: R vectors of one output row, out[0:R*N] = init + sum_taps w * slab window.
-template <typename acc, int R>
-inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, acc* out) {
+// One register block: RH output rows x R vectors, out[rr][0:R*N] = init + sum_taps w * slab window.
+// RH * R independent accumulators: the FMA latency (4 cycles) times its throughput (2 per cycle)
+// needs about 8 chains in flight, hence two rows of four vectors for wide maps.
+template <typename acc, int RH, int R>
+inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, acc* out,
+                       int64_t out_stride) {
   using V = typename Simd<acc>::vec;
   constexpr int N = Simd<acc>::N;
-  V a[R];
-  for (int r = 0; r < R; ++r) a[r] = splat<acc>(init);
+  V a[RH][R];
+  for (int rr = 0; rr < RH; ++rr)
+    for (int r = 0; r < R; ++r) a[rr][r] = splat<acc>(init);
   for (int64_t kh = 0; kh < g.KH; ++kh) {
     const acc* row = slab + kh * g.dh * width;
     const acc* wr = w + kh * g.KW;
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       const V wv = splat<acc>(wr[kw]);
       const acc* p = row + kw * g.dw;
-      for (int r = 0; r < R; ++r) a[r] += wv * loadu<acc>(p + r * N);
+      for (int rr = 0; rr < RH; ++rr)
+        for (int r = 0; r < R; ++r) a[rr][r] += wv * loadu<acc>(p + rr * width + r * N);
     }
   }
-  for (int r = 0; r < R; ++r) storeu<acc>(out + r * N, a[r]);
+  for (int rr = 0; rr < RH; ++rr)
+    for (int r = 0; r < R; ++r) storeu<acc>(out + rr * out_stride + r * N, a[rr][r]);
 }
 
-// out_row[0:out_cols_padded] for the output row whose window starts at slab row `slab_row`.
-template <typename acc>
-void conv_row(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, acc* out_row,
-              int64_t out_cols) {
+// RH consecutive output rows [0:cols_padded) (stride cols_padded in out_rows) whose windows start at
+// slab row `slab_row`.
+template <typename acc, int RH>
+void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, acc* out_rows,
+               int64_t out_cols, int64_t cols_padded) {
   constexpr int N = Simd<acc>::N;
   int64_t c = 0;
-  for (; c + kBlock * N <= out_cols; c += kBlock * N) conv_block<acc, kBlock>(slab_row + c, width, w, g, init, out_row + c);
+  for (; c + kBlock * N <= out_cols; c += kBlock * N)
+    conv_block<acc, RH, kBlock>(slab_row + c, width, w, g, init, out_rows + c, cols_padded);
   const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
   static_assert(kBlock == 4, "the switch below covers 1..kBlock vectors");
   switch (rest) {
-    case 1: conv_block<acc, 1>(slab_row + c, width, w, g, init, out_row + c); break;
-    case 2: conv_block<acc, 2>(slab_row + c, width, w, g, init, out_row + c); break;
-    case 3: conv_block<acc, 3>(slab_row + c, width, w, g, init, out_row + c); break;
-    case 4: conv_block<acc, 4>(slab_row + c, width, w, g, init, out_row + c); break;
+    case 1: conv_block<acc, RH, 1>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
+    case 2: conv_block<acc, RH, 2>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
+    case 3: conv_block<acc, RH, 3>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
+    case 4: conv_block<acc, RH, 4>(slab_row + c, width, w, g, init, out_rows + c, cols_padded); break;
     default: break;
   }
 }
@@ -171,7 +191,7 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
   const int64_t width = cols_padded + g.dw * (g.KW - 1);
   at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> slab((tile + g.dh * (g.KH - 1)) * width);
-    std::vector<acc> row(cols_padded);
+    std::vector<acc> rows(2 * cols_padded);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / tiles, c = p % C;
       const int64_t r0 = (item % tiles) * tile, r1 = std::min(out_rows, r0 + tile);
@@ -181,10 +201,18 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
       const acc* wp = w + c * g.KH * g.KW;
       const acc init = bias ? bias[c] : acc(0);
       scalar_t* out = dst + p * out_rows * out_cols;
-      for (int64_t r = r0; r < r1; ++r) {
-        conv_row<acc>(slab.data() + (r - r0) * width, width, wp, g, init, row.data(), out_cols);
-        scalar_t* o = out + r * out_cols;
-        for (int64_t j = 0; j < out_cols; ++j) o[j] = static_cast<scalar_t>(row[j]);
+      for (int64_t r = r0; r < r1; r += 2) {
+        const acc* slab_row = slab.data() + (r - r0) * width;
+        const int64_t n = std::min<int64_t>(2, r1 - r);
+        if (n == 2)
+          conv_rows<acc, 2>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded);
+        else
+          conv_rows<acc, 1>(slab_row, width, wp, g, init, rows.data(), out_cols, cols_padded);
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* o = out + (r + i) * out_cols;
+          const acc* src_row = rows.data() + i * cols_padded;
+          for (int64_t j = 0; j < out_cols; ++j) o[j] = static_cast<scalar_t>(src_row[j]);
+        }
       }
     }
   });
