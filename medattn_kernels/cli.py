@@ -39,32 +39,18 @@ def _fmt_bytes(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-def _train_variant(name, model, train, val, args, device, gen_seed):
-    """Train one copy; returns a dict of results (Dice, losses, step times, memory)."""
-    from tqdm import tqdm
-
+def _train_variant(name, model, train, val, args, device, data_seed):
+    """Train one copy through medattn_kernels.train.fit; Dice on the held-out slices, step times, memory."""
     from .data.mri import CLASS_NAMES
-    from .train import Trainer, batch_indices, dice_per_class, kept_for_backward, make_batch, predict
+    from .train import dice_per_class, fit, kept_for_backward, make_batch, predict
 
-    trainer = Trainer(model, lr=args.lr, steps=args.steps)
-    gen = torch.Generator().manual_seed(gen_seed)  # same batches and flips for both variants
-    times = []
-    bar = tqdm(range(args.steps), desc=f"{name:>9}", unit="step", dynamic_ncols=True, file=sys.stdout)
-    for _ in bar:
-        batch = make_batch(train, batch_indices(gen, len(train), args.batch_size), device, flip_generator=gen)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = trainer.step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss:.4f}")
-    bar.close()
+    trainer = fit(model, train, args.steps, args.batch_size, lr=args.lr, seed=data_seed, device=device,
+                  progress=True, desc=f"{name:>9}")
     pred = predict(model, val, device, args.batch_size)
     dice = dice_per_class(pred, val.label, len(CLASS_NAMES))
     probe = make_batch(train, torch.arange(min(args.batch_size, len(train))), device)
     saved = kept_for_backward(model, probe)
+    times = trainer.step_times
     steady = times[min(3, len(times) - 1):]  # skip warm-up steps (allocator, thread pools)
     return {"dice": dice, "pred": pred, "losses": trainer.history, "step_s": statistics.median(steady),
             "saved_bytes": saved, "model": model}
@@ -140,8 +126,8 @@ def demo(args) -> int:
 
     results = {}
     for name, model in variants:
-        torch.manual_seed(args.seed + 1)  # same dropout/augmentation stream (none today) for both
-        results[name] = _train_variant(name, model, train, val, args, device, gen_seed=args.seed + 2)
+        torch.manual_seed(args.seed + 1)
+        results[name] = _train_variant(name, model, train, val, args, device, data_seed=args.seed + 2)
         res = results[name]
         dice = res["dice"]
         print(f"  {name}: held-out Dice " + ", ".join(f"{n} {d:.4f}" for n, d in zip(CLASS_NAMES, dice.tolist()))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import resource
+import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -26,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .data.mri import MRISlices, random_flip_batch
+from .data.mri import MRISlices, flip_batch
 from .models import SegmentationModel, build_model
 from .testing import saved_tensor_bytes
 
@@ -66,10 +68,11 @@ def unwrap(model: torch.nn.Module) -> SegmentationModel:
 
 
 # ---------------------------------------------------------------- batches
-def make_batch(data: MRISlices, index: torch.Tensor, device, flip_generator: Optional[torch.Generator] = None):
+def make_batch(data: MRISlices, index: torch.Tensor, device, flips: Optional[torch.Tensor] = None):
+    """Batch dict on `device`; `flips` [B] bool mirrors those slices left-right (augmentation)."""
     image, enhanced, label = data.image[index], data.enhanced[index], data.label[index]
-    if flip_generator is not None:
-        (image, enhanced), label = random_flip_batch((image, enhanced), label, flip_generator)
+    if flips is not None:
+        (image, enhanced), label = flip_batch((image, enhanced), label, flips)
     return {"image": image.to(device), "enhanced": enhanced.to(device), "label": label.to(device)}
 
 
@@ -113,6 +116,41 @@ class Trainer:
         value = float(loss.detach())
         self.history.append(value)
         return value
+
+
+def fit(model: torch.nn.Module, data: MRISlices, steps: int, batch_size: int, lr: float = 3e-3, seed: int = 0,
+        device="cpu", progress: bool = False, desc: str = "train") -> Trainer:
+    """Train `model` for `steps` steps (the demo's, the DDP test's and torchrun's loop). Under a process
+    group (init_distributed) the model is wrapped in DDP and each rank takes its slice of every global
+    batch; every rank draws the same indices and flips from one generator seeded with `seed`, so two
+    runs with the same seed (fused vs reference) see the same batches. `trainer.step_times` holds the
+    wall time of every step (synchronised on CUDA)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(device)
+    trainer = Trainer(model, lr=lr, steps=steps)
+    trainer.step_times = []
+    gen = torch.Generator().manual_seed(seed)
+    iterator = range(steps)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = iterator = tqdm(iterator, desc=desc, unit="step", dynamic_ncols=True, file=sys.stdout)
+    for _ in iterator:
+        index = batch_indices(gen, len(data), batch_size, rank, world)
+        flips = torch.rand(batch_size * world, generator=gen)[rank * batch_size:(rank + 1) * batch_size] < 0.5
+        batch = make_batch(data, index, device, flips=flips)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = trainer.step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        trainer.step_times.append(time.perf_counter() - start)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+    if bar is not None:
+        bar.close()
+    return trainer
 
 
 @torch.no_grad()
@@ -259,3 +297,42 @@ def measure_step_isolated(network: str, fused: bool, size: int, batch_size: int,
     if cap_bytes is not None and result.get("ok") and result.get("peak_total_bytes", 0) > cap_bytes:
         result.update(ok=False, error="exceeded cap (peak resident set)")
     return result
+
+
+def main(argv=None) -> int:
+    """`python -m medattn_kernels.train` / `torchrun --nproc_per_node=N -m medattn_kernels.train`:
+    trains a network on the MNI152 slices (DDP when WORLD_SIZE > 1) and prints the held-out Dice on rank 0."""
+    import argparse
+
+    from .data.mri import CLASS_NAMES, load_mni_splits
+
+    p = argparse.ArgumentParser(prog="medattn-train", description=main.__doc__)
+    p.add_argument("--network", default="din")
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8, help="per rank")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reference", action="store_true", help="pure-PyTorch references instead of fused ops")
+    args = p.parse_args(argv)
+    rank, world = init_distributed(args.device)
+    device = args.device
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{distributed_env()[2]}"
+    train, val = load_mni_splits(args.size)
+    network = args.network.lower().replace("_", "-")
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(network, fused=not args.reference, **DEFAULT_MODEL_KWARGS.get(network, {})).to(device)
+    trainer = fit(model, train, args.steps, args.batch_size, args.lr, args.seed + 2, device, progress=True)
+    if rank == 0:
+        dice = dice_per_class(predict(model, val, device, args.batch_size), val.label, len(CLASS_NAMES))
+        print("held-out Dice: " + ", ".join(f"{n} {d:.4f}" for n, d in zip(CLASS_NAMES, dice.tolist()))
+              + f"; world size {world}; median step {statistics.median(trainer.step_times) * 1e3:.0f} ms")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

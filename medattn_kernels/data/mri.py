@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -195,9 +195,7 @@ def load_mni_splits(size: int = 128, **kwargs) -> Tuple[MRISlices, MRISlices]:
     return everything.subset(~held_out), everything.subset(held_out)
 
 
-def random_flip_batch(images: Tuple[torch.Tensor, ...], label: torch.Tensor,
-                      generator: Optional[torch.Generator] = None):
-    """Left-right flips (the brain is roughly symmetric) of a random half of a batch: cheap augmentation."""
-    flip = torch.rand(label.shape[0], generator=generator) < 0.5
-    out = tuple(torch.where(flip[:, None, None, None], im.flip(-1), im) for im in images)
-    return out, torch.where(flip[:, None, None], label.flip(-1), label)
+def flip_batch(images: Tuple[torch.Tensor, ...], label: torch.Tensor, flips: torch.Tensor):
+    """Left-right flips (the brain is roughly symmetric) of the slices where `flips` [B] is True."""
+    out = tuple(torch.where(flips[:, None, None, None], im.flip(-1), im) for im in images)
+    return out, torch.where(flips[:, None, None], label.flip(-1), label)
