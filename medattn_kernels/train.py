@@ -235,10 +235,7 @@ def _isolated_step(queue, network: str, fused: bool, size: int, batch_size: int,
                  "label": torch.randint(0, 3, (batch_size, size, size), generator=gen)}
         batch = {k: v.to(device) for k, v in batch.items()}
         trainer = Trainer(model, steps=1)
-        result = {"saved_bytes": kept_for_backward(model, batch)}
-        import gc
-        gc.collect()
-        result.update({k: v for k, v in measure_step(trainer, batch, device).items() if k != "saved_bytes"})
+        result = measure_step(trainer, batch, device)  # the step first: nothing has raised ru_maxrss yet
         result["peak_total_bytes"] = peak_rss_bytes() if not device.startswith("cuda") else \
             torch.cuda.max_memory_allocated()
         result["ok"] = True
@@ -252,7 +249,8 @@ def measure_step_isolated(network: str, fused: bool, size: int, batch_size: int,
                           timeout_s: float = 1800.0, threads: Optional[int] = None) -> Dict[str, object]:
     """One training step of a freshly built network on random inputs, in its own spawned process.
 
-    The step runs twice: once under saved_tensors_hooks (kept for backward), once timed. Peak memory is
+    The step runs timed first, then its forward once more under saved_tensors_hooks (kept for backward:
+    the peak RSS of that pass cannot exceed the full step's). Peak memory is
     the child's ru_maxrss (whole process: model, batch, Python and torch included: `peak_total_bytes`)
     and its rise over the pre-step resident set (`peak_bytes`). With ``cap_bytes``, the parent polls the
     child's resident set every 20 ms and kills it above the cap: the result is then ok=False,
