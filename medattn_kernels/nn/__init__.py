@@ -1,8 +1,9 @@
 """nn.Modules built on the fused ops. Each takes `fused: bool`; fused=False runs the pure-PyTorch
 references, for side-by-side checks."""
 from .attention import CrossImageAttention, DualInteractiveFusion, JointAttention
+from .depthwise import DepthwiseConv2d, LargeKernelDWConv2d
 from .global_spatial_attention import GlobalSpatialAttention
 from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss  # noqa: F401
 
 __all__ = ["GlobalSpatialAttention", "CrossImageAttention", "DualInteractiveFusion", "JointAttention",
-           "SobelBoundaryLoss", "DINLoss"]
+           "DepthwiseConv2d", "LargeKernelDWConv2d", "SobelBoundaryLoss", "DINLoss"]

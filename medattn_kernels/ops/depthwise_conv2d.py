@@ -84,6 +84,41 @@ def choose_gpu(*args) -> str:
     return "cuda" if weight.shape[2] * weight.shape[3] >= CUDA_MIN_TAPS else "triton"
 
 
+def _present(t) -> bool:
+    return t is not None and not (t.dim() == 1 and t.numel() == 0)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_out, x, weight, padding, dilation, output_mask = inputs
+    ctx.save_for_backward(grad_out, x, weight)
+    ctx.conv_args = (list(padding), list(dilation), list(output_mask))
+
+
+def _double_backward(ctx, ggx, ggw, ggb):
+    """Autograd of the backward op (double backward), in terms of the two ops themselves. With the
+    forward out = A_w x (+ b): grad_x = A_w^T g, <grad_w, v> = <g, A_v x>, grad_b = sum g, so
+      d/dg = A_w ggx + A_ggw x + ggb,   d/dx = A_ggw^T g,   d/dw = weight-grad of (input ggx, grad g)."""
+    grad_out, x, weight = ctx.saved_tensors
+    padding, dilation, mask = ctx.conv_args
+    forward, backward = torch.ops.medattn.depthwise_conv2d, torch.ops.medattn.depthwise_conv2d_backward
+    use_gx, use_gw, use_gb = mask[0] and _present(ggx), mask[1] and _present(ggw), mask[2] and _present(ggb)
+    d_g = d_x = d_w = None
+    if ctx.needs_input_grad[0]:
+        terms = []
+        if use_gx:
+            terms.append(forward(ggx, weight, None, padding, dilation))
+        if use_gw:
+            terms.append(forward(x, ggw, None, padding, dilation))
+        if use_gb:
+            terms.append(ggb.reshape(1, -1, 1, 1).expand_as(grad_out))
+        d_g = sum(terms[1:], terms[0]) if terms else None
+    if ctx.needs_input_grad[1] and use_gw:
+        d_x = backward(grad_out, x, ggw, padding, dilation, [True, False, False])[0]
+    if ctx.needs_input_grad[2] and use_gx:
+        d_w = backward(grad_out, ggx, weight, padding, dilation, [False, True, False])[1]
+    return d_g, d_x, d_w, None, None, None
+
+
 def _triton():
     try:
         from ..triton import depthwise_conv2d as kernels
@@ -102,6 +137,9 @@ SPEC = FusedOp(
     cuda_cpp=True,
     choose_gpu=choose_gpu,
 ).register()
+if SPEC.defined:  # double backward through the registered ops (the C++ kernel, or the GPU kernels)
+    torch.library.register_autograd(f"{SPEC.qualname}_backward", _double_backward,
+                                    setup_context=_backward_setup_context)
 
 
 def resolve_padding(weight: torch.Tensor, padding: Optional[IntPair], dilation: Tuple[int, int]) -> Tuple[int, int]:

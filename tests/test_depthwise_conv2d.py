@@ -1,0 +1,334 @@
+"""depthwise_conv2d: parity with the float64 reference (output, grad input, grad weight, grad bias) over
+kernel sizes 1..51, strips, dilation, odd maps, maps smaller than the kernel, layouts; gradcheck,
+opcheck, torch.compile, determinism, Triton under the interpreter, bad input; the modules
+(DepthwiseConv2d, LargeKernelDWConv2d re-parameterisation) and patch()."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import medattn_kernels as mk
+from medattn_kernels import reference
+from medattn_kernels.nn import DepthwiseConv2d, LargeKernelDWConv2d
+from medattn_kernels.ops.depthwise_conv2d import choose_gpu
+from medattn_kernels.patch import patch
+from medattn_kernels.testing import (as_float64_leaves, assert_close_to_reference, grads_of, make_tensor,
+                                     saved_tensor_bytes)
+
+from conftest import triton_device
+
+# (x shape, (KH, KW), dilation, padding or None for "same")
+CASES = [
+    ((2, 3, 37, 29), (3, 3), 1, None),
+    ((2, 3, 37, 29), (7, 7), 2, None),
+    ((1, 4, 37, 29), (13, 13), 3, None),
+    ((2, 2, 37, 29), (21, 21), 1, None),
+    ((1, 2, 37, 29), (31, 31), 1, None),
+    ((2, 3, 37, 29), (1, 9), 2, None),
+    ((2, 3, 37, 29), (9, 1), 3, None),
+    ((1, 3, 20, 70), (51, 5), 1, None),         # H < KH
+    ((1, 1, 5, 6), (13, 13), 1, None),          # H and W < K, B = C = 1
+    ((3, 2, 9, 11), (4, 6), 1, (1, 2)),         # even kernel, explicit padding, smaller output
+    ((2, 2, 8, 8), (3, 3), 1, (3, 5)),          # padding beyond the kernel's reach (output grows)
+    ((2, 5, 17, 40), (7, 7), 1, (0, 0)),        # "valid"
+]
+IDS = [f"{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in CASES]
+LOW_PRECISION_CASES = [CASES[1], CASES[4], CASES[7]]
+
+
+def run_parity(backend, shape, kernel, dilation, padding, dtype=torch.float32, layout="contiguous", bias=True,
+               device="cpu"):
+    C = shape[1]
+    x = make_tensor(shape, dtype, device, layout, requires_grad=True)
+    w = make_tensor((C, 1) + kernel, dtype, device, requires_grad=True)
+    b = make_tensor((C,), dtype, device, requires_grad=True) if bias else None
+    out = mk.depthwise_conv2d(x, w, b, padding=padding, dilation=dilation, backend=backend)
+    x64, w64, b64 = as_float64_leaves([x, w, b])
+    pad = padding if padding is not None else tuple(dilation * (k - 1) // 2 for k in kernel)
+    pad = (pad, pad) if isinstance(pad, int) else pad
+    ref = reference.depthwise_conv2d(x64, w64, b64, pad, (dilation, dilation))
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close_to_reference(out, ref, dtype, "out")
+    grad = torch.randn(ref.shape, dtype=torch.float64, device=device)
+    for name, g, g_ref in zip(["x", "weight", "bias"], grads_of(out, [x, w, b], grad), grads_of(ref, [x64, w64, b64], grad)):
+        if g_ref is None:
+            assert g is None
+            continue
+        assert g.shape == g_ref.shape
+        assert_close_to_reference(g, g_ref, dtype, f"grad {name}")
+    return out, x
+
+
+@pytest.mark.parametrize("shape, kernel, dilation, padding", CASES, ids=IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_matches_reference(shape, kernel, dilation, padding, layout, bias):
+    out, x = run_parity("cpu", shape, kernel, dilation, padding, layout=layout, bias=bias)
+    if layout == "channels_last" and shape[1] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("shape, kernel, dilation, padding", LOW_PRECISION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_other_dtypes(shape, kernel, dilation, padding, dtype):
+    run_parity("cpu", shape, kernel, dilation, padding, dtype=dtype)
+
+
+def test_default_backend_and_padding_forms():
+    x = make_tensor((2, 3, 11, 13), requires_grad=True)
+    w = make_tensor((3, 1, 5, 3))
+    ref = F.conv2d(x.double(), w.double(), padding=(2, 1), groups=3)
+    for padding in (None, (2, 1), [2, 1]):
+        assert_close_to_reference(mk.depthwise_conv2d(x, w, padding=padding), ref, torch.float32)
+    ref = F.conv2d(x.double(), w.double(), padding=2, dilation=(1, 2), groups=3)
+    assert_close_to_reference(mk.depthwise_conv2d(x, w, padding=2, dilation=(1, 2)), ref, torch.float32)
+
+
+def test_only_requested_gradients():
+    x = make_tensor((2, 3, 9, 9), requires_grad=True)
+    w = make_tensor((3, 1, 7, 7))
+    b = make_tensor((3,), requires_grad=True)
+    out = mk.depthwise_conv2d(x, w, b, backend="cpu")
+    gx, gb = torch.autograd.grad(out.sum(), [x, b])
+    assert gx.shape == x.shape and gb.shape == b.shape
+    absent = torch.ops.medattn.depthwise_conv2d_backward(torch.ones_like(out), x.detach(), w, [3, 3], [1, 1],
+                                                         [False, True, False])
+    assert absent[0].shape == (0,) and absent[2].shape == (0,) and absent[1].shape == w.shape
+
+
+def test_gradcheck_float64():
+    x = make_tensor((2, 2, 6, 5), torch.float64, requires_grad=True)
+    w = make_tensor((2, 1, 3, 5), torch.float64, requires_grad=True)
+    b = make_tensor((2,), torch.float64, requires_grad=True)
+    fn = lambda a, k, c: mk.depthwise_conv2d(a, k, c, padding=(2, 3), dilation=(2, 1), backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_deterministic_and_keeps_only_inputs():
+    x = make_tensor((3, 8, 23, 19), requires_grad=True)
+    w = make_tensor((8, 1, 9, 9), requires_grad=True)
+    b = make_tensor((8,), requires_grad=True)
+    grad = make_tensor((3, 8, 23, 19))
+
+    def grads():
+        return torch.autograd.grad(mk.depthwise_conv2d(x, w, b, backend="cpu"), [x, w, b], grad)
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+    assert saved_tensor_bytes(lambda *t: mk.depthwise_conv2d(*t, backend="cpu"), x, w, b) == 0
+
+
+def test_nan_and_inf_propagate():
+    x = make_tensor((1, 2, 9, 9))
+    x[0, 1, 4, 4] = float("nan")
+    x[0, 0, 2, 6] = float("inf")
+    w = make_tensor((2, 1, 3, 3)).abs()
+    out = mk.depthwise_conv2d(x, w, backend="cpu")
+    ref = reference.depthwise_conv2d(x, w, None, (1, 1), (1, 1))
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(bias):
+    x = make_tensor((2, 3, 7, 6), requires_grad=True)
+    w = make_tensor((3, 1, 5, 3), requires_grad=True)
+    b = make_tensor((3,), requires_grad=True) if bias else None
+    torch.library.opcheck(torch.ops.medattn.depthwise_conv2d.default, (x, w, b, [2, 2], [1, 2]))
+    g = make_tensor((2, 3, 7, 6))
+    for mask in ([True, True, True], [True, False, False], [False, True, False]):
+        torch.library.opcheck(torch.ops.medattn.depthwise_conv2d_backward.default,
+                              (g, x.detach(), w.detach(), [2, 2], [1, 2], mask))
+    xc = make_tensor((2, 3, 7, 6), layout="channels_last", requires_grad=True)
+    torch.library.opcheck(torch.ops.medattn.depthwise_conv2d.default, (xc, w, b, [2, 2], [1, 2]))
+
+
+def test_torch_compile_fullgraph():
+    x = make_tensor((2, 4, 13, 11), requires_grad=True)
+    w = make_tensor((4, 1, 7, 7), requires_grad=True)
+    compiled = torch.compile(lambda a, k: mk.depthwise_conv2d(a, k, dilation=2) * 2, fullgraph=True, backend="eager")
+    out = compiled(x, w)
+    out.sum().backward()
+    x64, w64 = as_float64_leaves([x, w])
+    assert_close_to_reference(out, F.conv2d(x64, w64, padding=6, dilation=2, groups=4) * 2, torch.float32)
+    assert x.grad is not None and w.grad is not None
+
+
+def test_force_reference_env(monkeypatch):
+    from medattn_kernels.ops._registry import FORCE_REFERENCE_ENV
+    monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
+    x = make_tensor((1, 2, 5, 5), requires_grad=True)
+    out = mk.depthwise_conv2d(x, make_tensor((2, 1, 3, 3)), backend="cpu")
+    assert "Convolution" in type(out.grad_fn).__name__
+
+
+def test_float16_default_falls_back_to_reference_on_cpu():
+    x, w = make_tensor((1, 3, 6, 6), torch.float16), make_tensor((3, 1, 3, 3), torch.float16)
+    out = mk.depthwise_conv2d(x, w)
+    assert_close_to_reference(out, F.conv2d(x.double(), w.double(), padding=1, groups=3), torch.float16)
+
+
+def test_gpu_rule():
+    x = torch.empty(1, 4, 8, 8, device="meta")
+    small, large, strip = (torch.empty(4, 1, k, j, device="meta") for k, j in ((7, 7), (21, 21), (51, 5)))
+    assert choose_gpu(x, small, None, [3, 3], [1, 1]) == "triton"
+    assert choose_gpu(x, large, None, [10, 10], [1, 1]) == "cuda"
+    assert choose_gpu(x, x, strip, [25, 2], [1, 1], [True, True, True]) == "cuda"  # backward's arguments
+    assert choose_gpu(x, x, small, [3, 3], [1, 1], [True, True, True]) == "triton"
+
+
+X, W7 = torch.randn(2, 3, 9, 9), torch.randn(3, 1, 7, 7)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: mk.depthwise_conv2d(torch.randn(3, 9, 9), W7), ValueError, r"x: expected a 4-D tensor"),
+    (lambda: mk.depthwise_conv2d(X.long(), W7.long()), TypeError, r"x: expected a floating"),
+    (lambda: mk.depthwise_conv2d(X, W7.double()), TypeError, r"weight: expected dtype float32"),
+    (lambda: mk.depthwise_conv2d(X, torch.randn(4, 1, 7, 7)), ValueError, r"weight: expected a depthwise kernel"),
+    (lambda: mk.depthwise_conv2d(X, torch.randn(3, 3, 7, 7)), ValueError, r"weight: expected a depthwise kernel"),
+    (lambda: mk.depthwise_conv2d(X, torch.randn(3, 1, 7)), ValueError, r"weight: expected a 4-D tensor"),
+    (lambda: mk.depthwise_conv2d(X, torch.randn(3, 1, 65, 3), padding=1), ValueError, r"between 1 and 63"),
+    (lambda: mk.depthwise_conv2d(X, W7, torch.randn(4)), ValueError, r"bias: expected shape \[3\]"),
+    (lambda: mk.depthwise_conv2d(X, W7, torch.randn(3).double()), TypeError, r"bias: expected dtype float32"),
+    (lambda: mk.depthwise_conv2d(X, torch.randn(3, 1, 4, 4)), ValueError, r"padding: .*odd kernel.*explicitly"),
+    (lambda: mk.depthwise_conv2d(X, W7, padding=-1), ValueError, r"padding: expected values >= 0"),
+    (lambda: mk.depthwise_conv2d(X, W7, padding=(1, 2, 3)), TypeError, r"padding: expected an int or a pair"),
+    (lambda: mk.depthwise_conv2d(X, W7, dilation=0), ValueError, r"dilation: expected values >= 1"),
+    (lambda: mk.depthwise_conv2d(X, W7, dilation=(1.5, 1)), TypeError, r"dilation: expected an int or a pair"),
+    (lambda: mk.depthwise_conv2d(X, W7, padding=0, dilation=2), ValueError, r"output size -3x-3 is below 1"),
+    (lambda: mk.depthwise_conv2d(X, W7, stride=2), TypeError, r"unexpected keyword argument 'stride'"),
+    (lambda: mk.depthwise_conv2d(X, W7, backend="nope"), ValueError, r"backend: expected one"),
+    (lambda: mk.depthwise_conv2d(X.half(), W7.half(), backend="cpu"), TypeError, r"backend 'cpu' .* got float16"),
+    (lambda: mk.depthwise_conv2d(X, W7, backend="cuda"), RuntimeError, r"backend 'cuda' is not available"),
+    (lambda: torch.ops.medattn.depthwise_conv2d(X, torch.randn(4, 1, 3, 3), None, [1, 1], [1, 1]), RuntimeError,
+     r"weight: expected shape \[C, 1, KH, KW\] with C = 3"),
+    (lambda: torch.ops.medattn.depthwise_conv2d(X, W7, None, [0, 0], [2, 2]), RuntimeError, r"output size"),
+    (lambda: torch.ops.medattn.depthwise_conv2d_backward(torch.randn(2, 3, 8, 8), X, W7, [3, 3], [1, 1],
+                                                         [True, True, True]), RuntimeError,
+     r"grad_out: expected shape \[2, 3, 9, 9\]"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---- modules and patch()
+
+def test_depthwise_module_matches_conv2d():
+    conv = nn.Conv2d(6, 6, (7, 5), padding=(6, 4), dilation=2, groups=6)
+    module = DepthwiseConv2d.from_conv(conv)
+    assert module.weight is conv.weight and module.bias is conv.bias
+    x = make_tensor((2, 6, 15, 12))
+    assert_close_to_reference(module(x), conv(x.double()) if False else conv.double()(x.double()), torch.float32)
+    fresh = DepthwiseConv2d(6, 9, dilation=2)
+    assert fresh.padding == (8, 8) and "fused=True" in repr(fresh)
+    assert fresh(x).shape == x.shape
+
+
+@pytest.mark.parametrize("kernel, small, dilation", [(21, 3, 1), (13, 5, 2), (7, None, 1)])
+def test_reparameterize_equivalence(kernel, small, dilation):
+    block = LargeKernelDWConv2d(8, kernel, small_kernel=small, dilation=dilation).double()
+    x = make_tensor((2, 8, 19, 23), torch.float64)
+    block.train()
+    for _ in range(2):  # non-trivial running statistics
+        block(x * 3 + 1)
+    with torch.no_grad():
+        for bn in [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]:
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    block.eval()
+    before = block(x)
+    unfused = LargeKernelDWConv2d(8, kernel, small_kernel=small, dilation=dilation).double().eval()
+    unfused.load_state_dict(block.state_dict())
+    unfused.fused = False
+    assert_close_to_reference(before, unfused(x), torch.float64)
+    block.reparameterize()
+    assert block.reparam is not None and not hasattr(block, "large_bn")
+    after = block(x)
+    assert_close_to_reference(after, before, torch.float64)
+    assert_close_to_reference(block.float()(x.float()), before, torch.float32)
+
+
+def test_large_kernel_block_validates():
+    with pytest.raises(ValueError, match="kernel_size: expected an odd int"):
+        LargeKernelDWConv2d(4, 20)
+    with pytest.raises(ValueError, match="small_kernel: expected an odd int"):
+        LargeKernelDWConv2d(4, 7, small_kernel=9)
+
+
+def test_patch_replaces_depthwise_convs_and_keeps_outputs():
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 7, padding=3, groups=8),                 # patched
+        nn.Sequential(nn.Conv2d(8, 8, (1, 9), padding=(0, 4), groups=8, bias=False),  # patched (strip)
+                      nn.ReLU()),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),                 # small kernel: kept
+        nn.Conv2d(8, 8, 5, padding=2, groups=8, stride=2),       # stride 2: kept
+        nn.Conv2d(8, 8, 5, padding=2, groups=8, padding_mode="reflect"),  # kept
+        nn.Conv2d(8, 16, 5, padding=2, groups=8),                # not depthwise: kept
+        nn.Conv2d(16, 16, 5, padding="same", dilation=2, groups=16),  # patched
+    ).double()
+    x = make_tensor((2, 8, 21, 17), torch.float64, requires_grad=True)
+    before = model(x)
+    (g_before,) = torch.autograd.grad(before.sum(), [x])
+    assert patch(model) == 3
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count("DepthwiseConv2d") == 3 and kinds.count("Conv2d") == 4
+    after = model(x)
+    (g_after,) = torch.autograd.grad(after.sum(), [x])
+    assert_close_to_reference(after, before, torch.float64)
+    assert_close_to_reference(g_after, g_before, torch.float64)
+    assert patch(model) == 0
+
+
+# ---- Triton (GPU, or CPU tensors under TRITON_INTERPRET=1: small shapes)
+
+TRITON_CASES = [
+    ((2, 3, 11, 9), (3, 3), 1, None),
+    ((1, 2, 7, 19), (5, 9), 2, (4, 8)),
+    ((1, 2, 9, 40), (1, 9), 3, None),
+    ((1, 1, 5, 6), (13, 13), 1, None),
+    ((2, 2, 6, 5), (4, 2), 1, (1, 0)),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape, kernel, dilation, padding", TRITON_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_triton_matches_reference(shape, kernel, dilation, padding, layout):
+    run_parity("triton", shape, kernel, dilation, padding, layout=layout, bias=layout != "noncontiguous",
+               device=triton_device())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision(dtype):
+    run_parity("triton", (2, 3, 13, 10), (7, 7), 1, None, dtype=dtype, device=triton_device())
+
+
+# ---- CUDA GPU
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel, dilation", [((7, 7), 1), ((13, 13), 2), ((31, 31), 1), ((51, 5), 1), ((63, 63), 3)])
+@pytest.mark.parametrize("backend", ["cuda", "triton", None])
+def test_cuda_matches_reference(kernel, dilation, backend):
+    run_parity(backend, (2, 8, 61, 53), kernel, dilation, None, layout="channels_last", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision(dtype):
+    run_parity("cuda", (2, 8, 40, 33), (21, 21), 1, None, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_and_opcheck():
+    x = make_tensor((2, 4, 33, 29), device="cuda", requires_grad=True)
+    w = make_tensor((4, 1, 21, 21), device="cuda", requires_grad=True)
+    g = make_tensor((2, 4, 33, 29), device="cuda")
+    a = torch.autograd.grad(mk.depthwise_conv2d(x, w, backend="cuda"), [x, w], g)
+    b = torch.autograd.grad(mk.depthwise_conv2d(x, w, backend="cuda"), [x, w], g)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    torch.library.opcheck(torch.ops.medattn.depthwise_conv2d.default, (x, w, None, [10, 10], [1, 1]))
