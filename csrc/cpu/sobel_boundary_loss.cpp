@@ -22,11 +22,18 @@
 //
 // Determinism: per-plane loss partials in double, combined in plane order after the parallel loop.
 // Memory: only grad_pred (pred's size) outlives the call; buffers are per thread or temporary.
+
 #include "medattn/common.h"
 
 #include <algorithm>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace medattn {
 namespace {
@@ -46,6 +53,7 @@ struct PlaneBuffers {
   std::vector<acc> vs_p, vd_p, vs_y, vd_y;    // Ws+2: vertical stencils of one row
   std::vector<acc> ax, ay;                    // Ws+4: adjoint coefficients with two zeros each side
   std::vector<acc> row;                       // Ws: pooling accumulator
+  std::vector<acc> mag_p, mag_y;              // Ws: G(P), G(Q) of one row
 
   void resize(int64_t Hs, int64_t Ws) {
     const size_t padded = static_cast<size_t>((Hs + 2) * (Ws + 2));
@@ -59,6 +67,8 @@ struct PlaneBuffers {
       ax.resize(Ws + 4);
       ay.resize(Ws + 4);
       row.resize(Ws);
+      mag_p.resize(Ws);
+      mag_y.resize(Ws);
     }
   }
 };
@@ -103,10 +113,34 @@ inline void vertical_stencils(const acc* pad, int64_t i, int64_t Wp, acc* vs, ac
   }
 }
 
-// torch.sgn semantics for the abs adjoint: 0 at 0, NaN stays NaN.
+// In-place sqrt of a row. std::sqrt may set errno (negative arguments), a side effect that keeps GCC
+// from vectorising any loop that calls it, and setup.py builds without -fno-math-errno (a
+// `#pragma GCC optimize` does not turn it off for builtins); hence explicit vector instructions.
+// Same results as std::sqrt (IEEE correctly rounded), NaN in, NaN out.
+inline void sqrt_inplace(float* x, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_sqrt_ps(_mm256_loadu_ps(x + j)));
+#elif defined(__SSE2__)
+  for (; j + 4 <= n; j += 4) _mm_storeu_ps(x + j, _mm_sqrt_ps(_mm_loadu_ps(x + j)));
+#endif
+  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
+}
+
+inline void sqrt_inplace(double* x, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 4 <= n; j += 4) _mm256_storeu_pd(x + j, _mm256_sqrt_pd(_mm256_loadu_pd(x + j)));
+#elif defined(__SSE2__)
+  for (; j + 2 <= n; j += 2) _mm_storeu_pd(x + j, _mm_sqrt_pd(_mm_loadu_pd(x + j)));
+#endif
+  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
+}
+
+// The abs adjoint as torch computes it: sign(d), 0 at 0 and at NaN (torch.sign(nan) == 0).
 template <typename acc>
 inline acc sgn(acc d) {
-  return d > acc(0) ? acc(1) : (d < acc(0) ? acc(-1) : d * acc(0));
+  return static_cast<acc>(d > acc(0)) - static_cast<acc>(d < acc(0));
 }
 
 // One scale of one plane: returns sum |G(P) - G(Q)|; with dp, adds the scale's gradient to dp (H x W).
@@ -127,6 +161,8 @@ double plane_scale(const acc* p, const acc* y, acc* dp, int64_t W, const Scale& 
   acc* vd_y = buf.vd_y.data();
   acc* ax = buf.ax.data() + 2;  // ax[-2..-1] and ax[Ws..Ws+1] stay zero
   acc* ay = buf.ay.data() + 2;
+  acc* mag_p = buf.mag_p.data();
+  acc* mag_y = buf.mag_y.data();
   ax[-2] = ax[-1] = ax[Ws] = ax[Ws + 1] = acc(0);
   ay[-2] = ay[-1] = ay[Ws] = ay[Ws + 1] = acc(0);
   const acc eighth = acc(0.125);
@@ -135,21 +171,27 @@ double plane_scale(const acc* p, const acc* y, acc* dp, int64_t W, const Scale& 
   for (int64_t i = 0; i < Hs; ++i) {
     vertical_stencils(ppad, i, Wp, vs_p, vd_p);
     vertical_stencils(ypad, i, Wp, vs_y, vd_y);
-    acc row_sum = 0;
+    // Three branch-free, vectorisable loops: stencils and squared magnitudes, sqrt, then |d| and the
+    // adjoint coefficients (ax, ay hold gx(P), gy(P) until they are scaled).
     for (int64_t j = 0; j < Ws; ++j) {
       const acc gxp = (vs_p[j + 2] - vs_p[j]) * eighth;
       const acc gyp = (vd_p[j] + acc(2) * vd_p[j + 1] + vd_p[j + 2]) * eighth;
       const acc gxy = (vs_y[j + 2] - vs_y[j]) * eighth;
       const acc gyy = (vd_y[j] + acc(2) * vd_y[j + 1] + vd_y[j + 2]) * eighth;
-      const acc gp = std::sqrt(gxp * gxp + gyp * gyp + eps);
-      const acc gy = std::sqrt(gxy * gxy + gyy * gyy + eps);
-      const acc d = gp - gy;
+      ax[j] = gxp;
+      ay[j] = gyp;
+      mag_p[j] = gxp * gxp + gyp * gyp + eps;
+      mag_y[j] = gxy * gxy + gyy * gyy + eps;
+    }
+    sqrt_inplace(mag_p, Ws);
+    sqrt_inplace(mag_y, Ws);
+    acc row_sum = 0;
+    for (int64_t j = 0; j < Ws; ++j) {
+      const acc d = mag_p[j] - mag_y[j];
       row_sum += std::abs(d);
-      if (grad) {
-        const acc k = coef * sgn(d) / gp;
-        ax[j] = k * gxp;
-        ay[j] = k * gyp;
-      }
+      const acc k = coef * sgn(d) / mag_p[j];  // also computed without grad: keeps the loop branch-free
+      ax[j] *= k;
+      ay[j] *= k;
     }
     total += static_cast<double>(row_sum);
     if (grad) {
@@ -384,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor> sobel_forward(const at::Tensor& pred_in, cons
                   dp_full.defined() ? dp_full.mutable_data_ptr<acc>() : nullptr,
                   compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, plane_loss, bad_label);
     for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(bad_label[b] == kNoIgnore, "target: labels must lie in [0, ", C,
+      TORCH_CHECK_VALUE(bad_label[b] == kNoIgnore, "target: labels must lie in [0, ", C,
                   ") (C = pred.shape[1]) or equal ignore_index, got ", bad_label[b], " in image ", b);
     if (from_logits && compute_grad)
       softmax_adjoint_pass<scalar_t>(probs.const_data_ptr<acc>(), dp_full.const_data_ptr<acc>(),

@@ -3,7 +3,7 @@ references, for side-by-side checks."""
 from .attention import CrossImageAttention, DualInteractiveFusion, JointAttention
 from .depthwise import DepthwiseConv2d, LargeKernelDWConv2d
 from .global_spatial_attention import GlobalSpatialAttention
-from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss  # noqa: F401
+from .losses import DINLoss, SobelBoundaryLoss, soft_dice_loss
 
 __all__ = ["GlobalSpatialAttention", "CrossImageAttention", "DualInteractiveFusion", "JointAttention",
-           "DepthwiseConv2d", "LargeKernelDWConv2d", "SobelBoundaryLoss", "DINLoss"]
+           "DepthwiseConv2d", "LargeKernelDWConv2d", "SobelBoundaryLoss", "DINLoss", "soft_dice_loss"]
