@@ -22,7 +22,7 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
                                    "kept for backward and peak memory per step; saves predictions.png and loss.png.")
     p.add_argument("--network", default="din", help="din, joint-attention-dense-unet, mslkseg, ds2f, cross-modal-sad")
     p.add_argument("--size", type=int, default=96, help="slice side in pixels (default 96)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

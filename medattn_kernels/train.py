@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="medattn-train", description=main.__doc__)
     p.add_argument("--network", default="din")
     p.add_argument("--size", type=int, default=96)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8, help="per rank")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
