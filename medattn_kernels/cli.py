@@ -31,7 +31,7 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-isolated-memory", action="store_true",
-                   help="skip the peak-memory measurement in a fresh subprocess (CPU ru_maxrss)")
+                   help="skip the peak-memory measurement in a fresh subprocess (CPU peak resident set)")
     return p
 
 
@@ -135,7 +135,7 @@ def demo(args) -> int:
 
     if not args.no_isolated_memory:
         print("peak memory per step: one step of a fresh model in its own process "
-              + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(ru_maxrss rise over the pre-step RSS)"))
+              + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(rise of the peak resident set, VmHWM, over the pre-step RSS)"))
         for name, _ in variants:
             m = measure_step_isolated(network, name == "fused", args.size, args.batch_size, str(device),
                                       model_kwargs, seed=args.seed, threads=torch.get_num_threads())

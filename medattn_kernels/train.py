@@ -10,9 +10,10 @@ Memory, per training step (forward + loss + backward):
 * "kept for backward": `medattn_kernels.testing.saved_tensor_bytes` over the forward and the loss
   (design.md section 6), with the batch AND the parameters passed as inputs, so only activations count;
 * "peak": on CUDA, torch.cuda.max_memory_allocated during the step minus the allocation before it;
-  on CPU, the process's peak resident set (getrusage ru_maxrss) after the step minus the resident set
-  just before it. ru_maxrss is a high-water mark for the whole process, so the CPU number is only
-  meaningful in a fresh process: `measure_step_isolated` runs the step in its own subprocess.
+  on CPU, the process's peak resident set during the step (Linux VmHWM, reset just before the step
+  through /proc/self/clear_refs) minus the resident set just before it. tracemalloc does not see
+  torch's allocations; getrusage's ru_maxrss cannot be reset and is inherited through fork + exec.
+  `measure_step_isolated` runs the step in a fresh process, where the allocator holds nothing yet.
 """
 from __future__ import annotations
 
@@ -187,8 +188,33 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _status_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak resident set of this process's address space: VmHWM (Linux), which starts afresh at exec
+    and can be reset (reset_peak_rss). getrusage's ru_maxrss is the fallback, but it is inherited
+    through fork + exec, so a spawned child would report its parent's high-water mark."""
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0: echo 5 > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def kept_for_backward(model: torch.nn.Module, batch: dict) -> int:
@@ -212,6 +238,7 @@ def measure_step(trainer: Trainer, batch: dict, device) -> Dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        reset_peak_rss()
         before = rss_bytes()
     start = time.perf_counter()
     trainer.step(batch)
@@ -235,7 +262,7 @@ def _isolated_step(queue, network: str, fused: bool, size: int, batch_size: int,
                  "label": torch.randint(0, 3, (batch_size, size, size), generator=gen)}
         batch = {k: v.to(device) for k, v in batch.items()}
         trainer = Trainer(model, steps=1)
-        result = measure_step(trainer, batch, device)  # the step first: nothing has raised ru_maxrss yet
+        result = measure_step(trainer, batch, device)  # the step first, on a fresh allocator
         result["peak_total_bytes"] = peak_rss_bytes() if not device.startswith("cuda") else \
             torch.cuda.max_memory_allocated()
         result["ok"] = True
@@ -251,7 +278,7 @@ def measure_step_isolated(network: str, fused: bool, size: int, batch_size: int,
 
     The step runs timed first, then its forward once more under saved_tensors_hooks (kept for backward:
     the peak RSS of that pass cannot exceed the full step's). Peak memory is
-    the child's ru_maxrss (whole process: model, batch, Python and torch included: `peak_total_bytes`)
+    the child's VmHWM (whole process: model, batch, Python and torch included: `peak_total_bytes`)
     and its rise over the pre-step resident set (`peak_bytes`). With ``cap_bytes``, the parent polls the
     child's resident set every 20 ms and kills it above the cap: the result is then ok=False,
     error="exceeded cap". A child that dies otherwise (the kernel's OOM killer) is reported the same way.

@@ -3,7 +3,7 @@ the fused ops and with the pure-PyTorch references.
 
 Every (variant, size) runs in its own spawned process (medattn_kernels.train.measure_step_isolated):
 a fresh model, a random batch, the step measured once under saved_tensors_hooks (memory kept for
-backward, activations only) and once timed. Peak memory is the child's ru_maxrss (whole process) on
+backward, activations only) and once timed. Peak memory is the child's peak resident set (VmHWM, whole process) on
 CPU, torch.cuda.max_memory_allocated on CUDA. A size fails when the child's resident set exceeds the
 cap (the parent polls it every 20 ms and kills the child), when the child dies (the OOM killer), or
 when it raises an out-of-memory error. Once a variant fails at a size, its larger sizes are skipped.
