@@ -151,14 +151,16 @@ def test_gradcheck_float64(reduction, target_kind, from_logits, ignore_index):
     assert torch.autograd.gradcheck(fn, (pred,))
 
 
-def test_nan_propagates():
-    pred = make_pred((1, 2, 6, 7))
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_nan_propagates(from_logits):
+    pred = make_pred((1, 2, 6, 7), from_logits=from_logits)
     with torch.no_grad():
         pred[0, 1, 3, 3] = float("nan")
-    target = make_target((1, 2, 6, 7), "soft")
-    loss = mk.sobel_boundary_loss(pred, target, backend="cpu")
+    target = make_target((1, 2, 6, 7), "labels")
+    loss = mk.sobel_boundary_loss(pred, target, from_logits=from_logits, backend="cpu")
     loss.backward()
-    assert torch.isnan(loss) and torch.isnan(pred.grad).any()
+    ref = reference.sobel_boundary_loss(pred.detach().double(), target, from_logits=from_logits)
+    assert torch.isnan(loss) and torch.isnan(ref) and torch.isnan(pred.grad).any()
 
 
 def test_keeps_at_most_pred_for_backward():

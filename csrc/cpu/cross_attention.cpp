@@ -129,6 +129,9 @@ inline float exp_fast(float x) {
 inline double exp_fast(double x) { return std::exp(x); }
 
 #if defined(__AVX512F__)
+// GCC 12's _mm512_reduce_* intrinsics start from _mm512_undefined and trip -Wmaybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // The same exp on 16 floats (GCC's auto-vectoriser stops at 256-bit vectors and leaves the reductions
 // scalar, so the float hot loops are written with AVX-512 intrinsics).
 inline __m512 exp16(__m512 x) {
@@ -243,12 +246,9 @@ T row_max(const T* __restrict x, int64_t n) {
   return m;
 }
 
-template <typename T>
-T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T s = 0;
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
+#if defined(__AVX512F__)
+#pragma GCC diagnostic pop
+#endif
 
 // exp(old - new) for the online softmax; 1 when both are the same infinity (nothing seen yet, or a
 // row of -inf scores, whose NaN the exps of the scores themselves produce as softmax does).
@@ -275,15 +275,15 @@ struct Attention {
   T scale;
   // forward outputs
   T* out;
-  T* lse;
+  T* lse;  // written by the forward, read by the backward
   // backward inputs / outputs
   const T* grad_out;  // already multiplied by sigmoid(gate) when gated
   const T* delta;     // rowsum(dO * out) per query
-  T* dq;
-  T* dk;
-  T* dv_;
-  T* dk_partial;  // [G - 1, BH, nk, d]
-  T* dv_partial;  // [G - 1, BH, nk, dv]
+  T* grad_q;
+  T* grad_k;
+  T* grad_v;
+  T* grad_k_partial;  // [G - 1, BH, nk, d]
+  T* grad_v_partial;  // [G - 1, BH, nk, dv]
   int64_t stripes;
   int64_t bh_count;
 };
@@ -381,8 +381,8 @@ void backward_stripe(const Attention<T>& p, int64_t bh, int64_t stripe, std::vec
                      std::vector<T>& dprobs) {
   const int64_t nqb = blocks(p.nq, kBlockQ);
   const int64_t b0 = stripe * nqb / p.stripes, b1 = (stripe + 1) * nqb / p.stripes;
-  T* dk = stripe_target(p.dk, p.dk_partial, stripe, bh, p.bh_count, p.nk, p.d);
-  T* dv = stripe_target(p.dv_, p.dv_partial, stripe, bh, p.bh_count, p.nk, p.dv);
+  T* dk = stripe_target(p.grad_k, p.grad_k_partial, stripe, bh, p.bh_count, p.nk, p.d);
+  T* dv = stripe_target(p.grad_v, p.grad_v_partial, stripe, bh, p.bh_count, p.nk, p.dv);
   const T* k = p.k + bh * p.nk * p.d;
   const T* v = p.v + bh * p.nk * p.dv;
   for (int64_t qb = b0; qb < b1; ++qb) {
@@ -391,7 +391,7 @@ void backward_stripe(const Attention<T>& p, int64_t bh, int64_t stripe, std::vec
     const T* dout = p.grad_out + (bh * p.nq + i0) * p.dv;
     const T* lse = p.lse + bh * p.nq + i0;
     const T* delta = p.delta + bh * p.nq + i0;
-    T* dq = p.dq + (bh * p.nq + i0) * p.d;
+    T* dq = p.grad_q + (bh * p.nq + i0) * p.d;
     for (int64_t j0 = 0; j0 < p.nk; j0 += kBlockKB) {
       const int64_t nc = std::min(kBlockKB, p.nk - j0);
       T* pr = probs.data();
@@ -427,8 +427,8 @@ void backward_all(std::vector<Attention<T>>& problems, int64_t bh_count) {
     }
   });
   for (auto& p : problems) {
-    reduce_stripes(p.dk, p.dk_partial, p.stripes, bh_count * p.nk * p.d);
-    reduce_stripes(p.dv_, p.dv_partial, p.stripes, bh_count * p.nk * p.dv);
+    reduce_stripes(p.grad_k, p.grad_k_partial, p.stripes, bh_count * p.nk * p.d);
+    reduce_stripes(p.grad_v, p.grad_v_partial, p.stripes, bh_count * p.nk * p.dv);
   }
 }
 
@@ -447,7 +447,7 @@ struct Tied {
   T *col_max, *col_sum, *col_acc;
   // backward
   const T *goa, *gob, *delta_row, *delta_col;
-  T *dra, *dva_, *drb, *dvb_, *drb_partial, *dvb_partial;
+  T *grad_ra, *grad_va, *grad_rb, *grad_vb, *grad_rb_partial, *grad_vb_partial;  // partials: [G - 1, BH, nb, .]
 };
 
 template <typename T>
@@ -556,8 +556,8 @@ template <typename T>
 void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vector<T>* buf) {
   const int64_t nqb = blocks(p.na, kBlockQ);
   const int64_t b0 = stripe * nqb / p.stripes, b1 = (stripe + 1) * nqb / p.stripes;
-  T* drb = stripe_target(p.drb, p.drb_partial, stripe, bh, p.bh_count, p.nb, p.d);
-  T* dvb = stripe_target(p.dvb_, p.dvb_partial, stripe, bh, p.bh_count, p.nb, p.dvb);
+  T* drb = stripe_target(p.grad_rb, p.grad_rb_partial, stripe, bh, p.bh_count, p.nb, p.d);
+  T* dvb = stripe_target(p.grad_vb, p.grad_vb_partial, stripe, bh, p.bh_count, p.nb, p.dvb);
   const T* rb = p.rb + bh * p.nb * p.d;
   const T* vb = p.vb + bh * p.nb * p.dvb;
   const T* gob = p.gob + bh * p.nb * p.dva;
@@ -570,8 +570,8 @@ void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vec
     const T* goa = p.goa + (bh * p.na + i0) * p.dvb;
     const T* lse_row = p.lse_row + bh * p.na + i0;
     const T* delta_row = p.delta_row + bh * p.na + i0;
-    T* dra = p.dra + (bh * p.na + i0) * p.d;
-    T* dva = p.dva_ + (bh * p.na + i0) * p.dva;
+    T* dra = p.grad_ra + (bh * p.na + i0) * p.d;
+    T* dva = p.grad_va + (bh * p.na + i0) * p.dva;
     for (int64_t j0 = 0; j0 < p.nb; j0 += kBlockKB) {
       const int64_t nc = std::min(kBlockKB, p.nb - j0);
       T* prow = buf[0].data();
@@ -602,11 +602,6 @@ void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vec
 }
 
 // ------------------------------------------------------------------------------------------ checks
-struct Tokens {
-  at::Tensor t;  // contiguous, float or double
-  int64_t n, d;
-};
-
 void check_tokens(const at::Tensor& t, const char* name) {
   check_rank(t, 4, name, "[B, H, N, D]");
   check_cpu(t, name);
@@ -739,11 +734,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_backw
       p.lse = const_cast<scalar_t*>(lse.const_data_ptr<scalar_t>());
       p.grad_out = grad.const_data_ptr<scalar_t>();
       p.delta = delta.const_data_ptr<scalar_t>();
-      p.dq = dq.mutable_data_ptr<scalar_t>();
-      p.dk = dk.mutable_data_ptr<scalar_t>();
-      p.dv_ = dv.mutable_data_ptr<scalar_t>();
-      p.dk_partial = dk_partial.mutable_data_ptr<scalar_t>();
-      p.dv_partial = dv_partial.mutable_data_ptr<scalar_t>();
+      p.grad_q = dq.mutable_data_ptr<scalar_t>();
+      p.grad_k = dk.mutable_data_ptr<scalar_t>();
+      p.grad_v = dv.mutable_data_ptr<scalar_t>();
+      p.grad_k_partial = dk_partial.mutable_data_ptr<scalar_t>();
+      p.grad_v_partial = dv_partial.mutable_data_ptr<scalar_t>();
       backward_all(problems, B * H);
     });
   }
@@ -840,13 +835,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         p.lse = const_cast<scalar_t*>(lses[i]);
         p.grad_out = grads[i];
         p.delta = deltas[i];
-        p.dq = dqs[i]->mutable_data_ptr<scalar_t>();
-        p.dk = dks[i]->mutable_data_ptr<scalar_t>();
-        p.dv_ = dvs[i]->mutable_data_ptr<scalar_t>();
+        p.grad_q = dqs[i]->mutable_data_ptr<scalar_t>();
+        p.grad_k = dks[i]->mutable_data_ptr<scalar_t>();
+        p.grad_v = dvs[i]->mutable_data_ptr<scalar_t>();
         partials.push_back(at::zeros({(p.stripes - 1) * B * H * p.nk * p.d}, q_a.options()));
         partials.push_back(at::zeros({(p.stripes - 1) * B * H * p.nk * p.dv}, q_a.options()));
-        p.dk_partial = partials[2 * i].mutable_data_ptr<scalar_t>();
-        p.dv_partial = partials[2 * i + 1].mutable_data_ptr<scalar_t>();
+        p.grad_k_partial = partials[2 * i].mutable_data_ptr<scalar_t>();
+        p.grad_v_partial = partials[2 * i + 1].mutable_data_ptr<scalar_t>();
       }
       backward_all(problems, B * H);
     });
@@ -961,21 +956,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tied_backward(
       p.lse_col = const_cast<scalar_t*>(lse_col.const_data_ptr<scalar_t>());
       p.delta_row = delta_row.const_data_ptr<scalar_t>();
       p.delta_col = delta_col.const_data_ptr<scalar_t>();
-      p.dra = dr_a.mutable_data_ptr<scalar_t>();
-      p.dva_ = dv_a.mutable_data_ptr<scalar_t>();
-      p.drb = dr_b.mutable_data_ptr<scalar_t>();
-      p.dvb_ = dv_b.mutable_data_ptr<scalar_t>();
+      p.grad_ra = dr_a.mutable_data_ptr<scalar_t>();
+      p.grad_va = dv_a.mutable_data_ptr<scalar_t>();
+      p.grad_rb = dr_b.mutable_data_ptr<scalar_t>();
+      p.grad_vb = dv_b.mutable_data_ptr<scalar_t>();
       at::Tensor drb_partial = at::zeros({(p.stripes - 1) * p.bh_count * Nb * p.d}, r_a.options());
       at::Tensor dvb_partial = at::zeros({(p.stripes - 1) * p.bh_count * Nb * p.dvb}, r_a.options());
-      p.drb_partial = drb_partial.mutable_data_ptr<scalar_t>();
-      p.dvb_partial = dvb_partial.mutable_data_ptr<scalar_t>();
+      p.grad_rb_partial = drb_partial.mutable_data_ptr<scalar_t>();
+      p.grad_vb_partial = dvb_partial.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, p.bh_count * p.stripes, 1, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buf[4];
         for (auto& b : buf) b.resize(kBlockQ * kBlockKB);
         for (int64_t item = begin; item < end; ++item) tied_backward_stripe(p, item / p.stripes, item % p.stripes, buf);
       });
-      reduce_stripes(p.drb, p.drb_partial, p.stripes, p.bh_count * Nb * p.d);
-      reduce_stripes(p.dvb_, p.dvb_partial, p.stripes, p.bh_count * Nb * p.dvb);
+      reduce_stripes(p.grad_rb, p.grad_rb_partial, p.stripes, p.bh_count * Nb * p.d);
+      reduce_stripes(p.grad_vb, p.grad_vb_partial, p.stripes, p.bh_count * Nb * p.dvb);
     });
   }
   return {like_input(dr_a, r_a_in), like_input(dv_a, v_a_in), like_input(dr_b, r_b_in), like_input(dv_b, v_b_in)};

@@ -30,16 +30,23 @@ def _softmax_kernel(z_ptr, p_ptr, C, HW, tiles, BLOCK: tl.constexpr):
     b = pid // tiles
     offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
-    base = b.to(tl.int64) * C * HW + offs
+    base = b.to(tl.int64) * C * HW + offs  # channel c at base + c * HW, reached by pointer steps (int64)
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    for c in range(0, C):
-        mx = tl.maximum(mx, tl.load(z_ptr + base + c * HW, mask=mask, other=0.0).to(tl.float32))
+    zp = z_ptr + base
+    for _ in range(0, C):
+        mx = tl.maximum(mx, tl.load(zp, mask=mask, other=0.0).to(tl.float32))
+        zp += HW
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for c in range(0, C):
-        total += tl.exp(tl.load(z_ptr + base + c * HW, mask=mask, other=0.0).to(tl.float32) - mx)
-    for c in range(0, C):
-        e = tl.exp(tl.load(z_ptr + base + c * HW, mask=mask, other=0.0).to(tl.float32) - mx)
-        tl.store(p_ptr + base + c * HW, e / total, mask=mask)
+    zp = z_ptr + base
+    for _ in range(0, C):
+        total += tl.exp(tl.load(zp, mask=mask, other=0.0).to(tl.float32) - mx)
+        zp += HW
+    zp = z_ptr + base
+    pp = p_ptr + base
+    for _ in range(0, C):
+        tl.store(pp, tl.exp(tl.load(zp, mask=mask, other=0.0).to(tl.float32) - mx) / total, mask=mask)
+        zp += HW
+        pp += HW
 
 
 @triton.jit
@@ -162,14 +169,23 @@ def _finalize_kernel(g_ptr, p_ptr, t_ptr, out_ptr, C, HW, tiles, ignore_index,
         valid = (lab != ignore_index).to(tl.float32)
     dot = tl.zeros([BLOCK], dtype=tl.float32)
     if FROM_LOGITS:
-        for c in range(0, C):
-            g = tl.load(g_ptr + base + c * HW, mask=mask, other=0.0) * valid
-            dot += tl.load(p_ptr + base + c * HW, mask=mask, other=0.0) * g
-    for c in range(0, C):
-        g = tl.load(g_ptr + base + c * HW, mask=mask, other=0.0) * valid
+        gp = g_ptr + base
+        pp = p_ptr + base
+        for _ in range(0, C):
+            dot += tl.load(pp, mask=mask, other=0.0) * tl.load(gp, mask=mask, other=0.0) * valid
+            gp += HW
+            pp += HW
+    gp = g_ptr + base
+    pp = p_ptr + base
+    op = out_ptr + base
+    for _ in range(0, C):
+        g = tl.load(gp, mask=mask, other=0.0) * valid
         if FROM_LOGITS:
-            g = tl.load(p_ptr + base + c * HW, mask=mask, other=0.0) * (g - dot)
-        tl.store(out_ptr + base + c * HW, g.to(out_ptr.dtype.element_ty), mask=mask)
+            g = tl.load(pp, mask=mask, other=0.0) * (g - dot)
+        tl.store(op, g.to(out_ptr.dtype.element_ty), mask=mask)
+        gp += HW
+        pp += HW
+        op += HW
 
 
 def forward(pred: torch.Tensor, target: torch.Tensor, scales, weights, eps: float, from_logits: bool,
