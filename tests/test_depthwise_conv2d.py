@@ -99,11 +99,19 @@ def test_only_requested_gradients():
 
 
 def test_gradcheck_float64():
-    x = make_tensor((2, 2, 6, 5), torch.float64, requires_grad=True)
+    x = make_tensor((1, 2, 6, 5), torch.float64, requires_grad=True)
     w = make_tensor((2, 1, 3, 5), torch.float64, requires_grad=True)
     b = make_tensor((2,), torch.float64, requires_grad=True)
     fn = lambda a, k, c: mk.depthwise_conv2d(a, k, c, padding=(2, 3), dilation=(2, 1), backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_gradgradcheck_float64():
+    # Double backward goes through the same two ops (ops/depthwise_conv2d._double_backward).
+    x = make_tensor((1, 2, 4, 3), torch.float64, requires_grad=True)
+    w = make_tensor((2, 1, 3, 2), torch.float64, requires_grad=True)
+    b = make_tensor((2,), torch.float64, requires_grad=True)
+    fn = lambda a, k, c: mk.depthwise_conv2d(a, k, c, padding=(2, 1), dilation=(1, 2), backend="cpu")  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
@@ -119,6 +127,32 @@ def test_deterministic_and_keeps_only_inputs():
     first, second = grads(), grads()
     assert all(torch.equal(a, c) for a, c in zip(first, second))
     assert saved_tensor_bytes(lambda *t: mk.depthwise_conv2d(*t, backend="cpu"), x, w, b) == 0
+
+
+def test_grad_weight_independent_of_thread_count():
+    x = make_tensor((2, 3, 31, 27))
+    w = make_tensor((3, 1, 13, 13))
+    g = make_tensor((2, 3, 31, 27))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.medattn.depthwise_conv2d_backward(g, x, w, [6, 6], [1, 1], [True, True, True]))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_empty_batch():
+    x = make_tensor((0, 3, 9, 8), requires_grad=True)
+    w = make_tensor((3, 1, 5, 5), requires_grad=True)
+    b = make_tensor((3,), requires_grad=True)
+    out = mk.depthwise_conv2d(x, w, b, backend="cpu")
+    assert out.shape == (0, 3, 9, 8)
+    gx, gw, gb = torch.autograd.grad(out.sum(), [x, w, b])
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
 
 
 def test_nan_and_inf_propagate():
