@@ -1,0 +1,87 @@
+"""One network's training step, fused ops vs references, same weights and batch, in one process:
+median step time (forward + loss + backward + Adam), activations kept for backward, and (optionally)
+the peak RSS of a step in a fresh process. `python benchmarks/bench_training_step.py --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Dict, Optional
+
+import torch
+
+from ..models import build_model
+from ..train import DEFAULT_MODEL_KWARGS, Trainer, kept_for_backward, measure_step_isolated
+
+
+def compare(network: str = "din", size: int = 224, batch_size: int = 8, model_kwargs: Optional[dict] = None,
+            steps: int = 4, warmup: int = 1, device: str = "cpu", isolated_peak: bool = True,
+            seed: int = 0, log=print) -> Dict[str, Dict[str, float]]:
+    kwargs = dict(DEFAULT_MODEL_KWARGS.get(network, {}), **(model_kwargs or {}))
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"image": torch.rand(batch_size, 1, size, size, generator=gen),
+             "enhanced": torch.rand(batch_size, 1, size, size, generator=gen),
+             "label": torch.randint(0, 3, (batch_size, size, size), generator=gen)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    torch.manual_seed(seed)
+    models = {"fused": build_model(network, fused=True, **kwargs).to(device)}
+    models["reference"] = build_model(network, fused=False, **kwargs).to(device)
+    models["reference"].load_state_dict(models["fused"].state_dict())
+    trainers = {name: Trainer(m, steps=1000) for name, m in models.items()}
+    times = {name: [] for name in models}
+    for i in range(warmup + steps):  # interleaved, so that machine load drifts hit both alike
+        for name, trainer in trainers.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer.step(batch)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, model in models.items():
+        out[name] = {"step_s": statistics.median(times[name]), "step_times": times[name],
+                     "saved_bytes": kept_for_backward(model, batch)}
+        log(f"{name:>9}: step {out[name]['step_s'] * 1e3:.0f} ms (all: "
+            f"{', '.join(f'{t * 1e3:.0f}' for t in times[name])}), kept for backward "
+            f"{out[name]['saved_bytes'] / 2**20:.1f} MiB")
+    del models, trainers
+    if isolated_peak:
+        for name in ("fused", "reference"):
+            r = measure_step_isolated(network, name == "fused", size, batch_size, device, kwargs, seed)
+            out[name]["peak_total_bytes"] = r.get("peak_total_bytes")
+            out[name]["peak_step_bytes"] = r.get("peak_bytes")
+            log(f"{name:>9}: fresh-process step peak RSS {r.get('peak_total_bytes', 0) / 2**20:.0f} MiB "
+                f"(rise over the pre-step RSS {r.get('peak_bytes', 0) / 2**20:.0f} MiB)")
+    f, r = out["fused"], out["reference"]
+    out["ratios"] = {"speedup": r["step_s"] / f["step_s"], "saved": r["saved_bytes"] / max(f["saved_bytes"], 1)}
+    if isolated_peak and f.get("peak_step_bytes") and r.get("peak_step_bytes"):
+        out["ratios"]["peak_step"] = r["peak_step_bytes"] / f["peak_step_bytes"]
+    log(f"reference / fused: step time {out['ratios']['speedup']:.2f}x, kept for backward "
+        f"{out['ratios']['saved']:.2f}x" + (f", step peak {out['ratios']['peak_step']:.2f}x"
+                                             if "peak_step" in out["ratios"] else ""))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_training_step", description=__doc__)
+    p.add_argument("--network", default="din")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant (median reported)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON overriding the demo's model configuration")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-isolated-peak", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    kwargs = json.loads(args.model_kwargs)
+    print(f"{args.network} {dict(DEFAULT_MODEL_KWARGS.get(args.network, {}), **kwargs)}, {args.size}px, batch "
+          f"{args.batch_size}, {torch.get_num_threads()} threads")
+    out = compare(args.network, args.size, args.batch_size, kwargs, args.steps, device=args.device,
+                  isolated_peak=not args.no_isolated_peak)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0

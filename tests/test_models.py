@@ -1,0 +1,133 @@
+"""The five reference networks: with the same weights and inputs, fused=True (medattn kernels) and
+fused=False (pure-PyTorch references) give the same outputs, loss and parameter gradients (float64);
+plus shapes, the demo interface and MS-LKSeg's reparameterisation."""
+import pytest
+import torch
+
+from medattn_kernels.models import NETWORKS, build_model
+from medattn_kernels.testing import TOLERANCES, assert_close_to_reference, rel_error
+
+# Small configurations (odd-ish sizes: 48 px is not a power of two, so every stride-2 / pool / upsample
+# path meets a non-divisible size somewhere).
+CONFIGS = {
+    "din": dict(widths=(8, 12, 16, 24), stem_width=8, depth=1, heads=2),
+    "joint-attention-dense-unet": dict(stem_width=8, growth=4, layers=2, levels=2, heads=2),
+    "mslkseg": dict(widths=(8, 8, 12, 16, 16), blocks=2, kernel_size=21),
+    "ds2f": dict(widths=(8, 12, 16)),
+    "cross-modal-sad": dict(stem_width=8, widths=(8, 12, 16, 24), heads=2),
+}
+SIZE = {"din": 48, "joint-attention-dense-unet": 40, "mslkseg": 48, "ds2f": 48, "cross-modal-sad": 40}
+
+
+def make_batch(size, batch=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 1, size, size, generator=g, dtype=dtype)
+    return {"image": image, "enhanced": (image + 0.3 * torch.rand(batch, 1, size, size, generator=g, dtype=dtype)) / 1.3,
+            "label": torch.randint(0, 3, (batch, size, size), generator=g)}
+
+
+def twin_models(name, dtype=torch.float64):
+    torch.manual_seed(0)
+    fused = build_model(name, fused=True, **CONFIGS[name]).to(dtype)
+    ref = build_model(name, fused=False, **CONFIGS[name]).to(dtype)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def flat_tensors(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [t for k in sorted(outputs) for t in flat_tensors(outputs[k])]
+    return [t for o in outputs for t in flat_tensors(o)]
+
+
+def test_every_network_has_a_config():
+    assert set(CONFIGS) == set(NETWORKS)
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_fused_matches_reference(name):
+    """Same weights, same batch: outputs, loss and every parameter gradient agree in float64."""
+    fused, ref = twin_models(name)
+    batch = make_batch(SIZE[name])
+    loss_f, out_f = fused.training_loss(batch)
+    loss_r, out_r = ref.training_loss(batch)
+    tensors_f, tensors_r = flat_tensors(out_f), flat_tensors(out_r)
+    assert len(tensors_f) == len(tensors_r) > 0
+    for i, (a, b) in enumerate(zip(tensors_f, tensors_r)):
+        assert_close_to_reference(a, b, torch.float64, f"{name} output {i}")
+    assert torch.isfinite(loss_f)
+    assert_close_to_reference(loss_f, loss_r, torch.float64, f"{name} loss")
+    loss_f.backward()
+    loss_r.backward()
+    named_f, named_r = dict(fused.named_parameters()), dict(ref.named_parameters())
+    assert named_f.keys() == named_r.keys()
+    grads_f = [named_f[k].grad for k in named_f]
+    grads_r = [named_r[k].grad for k in named_f]
+    assert all(g is not None for g in grads_f + grads_r), "every parameter gets a gradient"
+    # Whole gradient vector against the reference, then each parameter with a floor at 1e-6 of the
+    # largest gradient: some gradients are analytically ~0 (a bias followed by BatchNorm), and their
+    # rounding noise relative to themselves means nothing.
+    all_f, all_r = torch.cat([g.flatten() for g in grads_f]), torch.cat([g.flatten() for g in grads_r])
+    assert_close_to_reference(all_f, all_r, torch.float64, f"{name} gradients")
+    scale = all_r.abs().max().item()
+    for key, g_f, g_r in zip(named_f, grads_f, grads_r):
+        err = (g_f - g_r).abs().max().item() / max(g_r.abs().max().item(), 1e-6 * scale)
+        assert err <= TOLERANCES[torch.float64], f"{name}: grad of {key}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_float32_fused_close_to_float64_reference(name):
+    """The fused float32 network against the float64 reference network (same weights): outputs, loss
+    and the whole gradient vector (float32 error grows through the depth: ~1e-6 for DIN at 64 px)."""
+    fused, ref = twin_models(name)
+    fused = fused.float()
+    batch = make_batch(SIZE[name])
+    loss_f, out_f = fused.training_loss({k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()})
+    loss_r, out_r = ref.training_loss(batch)
+    assert rel_error(out_f["logits"], out_r["logits"]) < 1e-4
+    assert rel_error(loss_f, loss_r) < 1e-4
+    loss_f.backward()
+    loss_r.backward()
+    grads_f = torch.cat([p.grad.flatten().double() for p in fused.parameters()])
+    grads_r = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert rel_error(grads_f, grads_r) < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_shapes_and_eval_mode(name):
+    torch.manual_seed(1)
+    model = build_model(name, fused=True, **CONFIGS[name])
+    batch = make_batch(SIZE[name], batch=1, dtype=torch.float32, seed=3)
+    loss, out = model.training_loss(batch)
+    assert out["logits"].shape == (1, 3, SIZE[name], SIZE[name])
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        logits = model(*model.inputs_of(batch))["logits"]
+    assert logits.shape == (1, 3, SIZE[name], SIZE[name]) and torch.isfinite(logits).all()
+
+
+def test_mslkseg_reparameterize_keeps_eval_output():
+    torch.manual_seed(0)
+    model = build_model("mslkseg", fused=True, **CONFIGS["mslkseg"]).double()
+    batch = make_batch(SIZE["mslkseg"], seed=5)
+    for _ in range(2):  # move the BatchNorm running statistics away from their initial values
+        model.training_loss(batch)
+    model.eval()
+    with torch.no_grad():
+        before = model(batch["image"])["logits"]
+        after = model.reparameterize()(batch["image"])["logits"]
+    assert_close_to_reference(after, before, torch.float64, "reparameterised MSLKSeg")
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        build_model("unet3000")
+
+
+def test_cross_modal_needs_all_modalities():
+    model = build_model("cross-modal-sad", **CONFIGS["cross-modal-sad"])
+    with pytest.raises(ValueError, match="images: expected 2 modalities"):
+        model(torch.rand(1, 1, 32, 32))
