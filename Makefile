@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # nilearn is needed only for the MRI files its wheel carries; --no-deps keeps scikit-learn & co out.
-NILEARN ?= nilearn==0.12.1
+NILEARN ?= nilearn==0.14.1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo bench test test-python test-triton test-cpp test-nvcc build setup clean
