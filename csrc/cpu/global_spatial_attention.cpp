@@ -2,7 +2,7 @@
 //
 // Memory-bound, so the kernel's job is to touch x once from DRAM. Work is split into (batch, pixel
 // tile) items. NCHW: a tile of kPixelTile pixels across all C channels (kPixelTile * C elements, a few
-// tens of KiB) is summed over channels with unit-stride, vectorised loops over pixels, then the same
+// hundred KiB) is summed over channels with unit-stride, vectorised loops over pixels, then the same
 // tile is re-read from L1/L2 to write the output. channels_last: each pixel's C values are contiguous,
 // so the channel sum is a unit-stride reduction and the tile is one pixel row.
 //
@@ -18,7 +18,9 @@
 namespace medattn {
 namespace {
 
-constexpr int64_t kPixelTile = 256;
+// 1024 x C values (a few hundred KiB) stay in L2 for the second pass, and 4 KiB unit-stride runs per
+// channel row keep the prefetchers streaming: at (8, 64, 112, 112) the forward took 2.5 ms with 256.
+constexpr int64_t kPixelTile = 1024;
 
 template <typename acc>
 inline acc sigmoid(acc v) {
