@@ -38,6 +38,9 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(("seed", f"replay with MEDATTN_TEST_SEED={seeds[0]}"))
 
 
+NO_TRITON_DEVICE = "triton: needs a CUDA GPU or TRITON_INTERPRET=1 (CI runs these in a separate interpreter pass)"
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import triton  # noqa: F401
@@ -49,7 +52,6 @@ def pytest_collection_modifyitems(config, items):
             if not have_triton:
                 item.add_marker(pytest.mark.skip(reason="triton is not installed"))
             elif not (torch.cuda.is_available() or TRITON_INTERPRET):
-                item.add_marker(pytest.mark.skip(
-                    reason="needs a CUDA GPU or TRITON_INTERPRET=1 (CI runs these in a separate interpreter pass)"))
+                item.add_marker(pytest.mark.skip(reason=NO_TRITON_DEVICE))  # toolchain/GPU skip
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)"))
