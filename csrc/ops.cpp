@@ -19,6 +19,16 @@ TORCH_LIBRARY(medattn, m) {
   // d/dx of x * sigmoid(mean_c x); applied once per input for the two-branch sum.
   m.def("global_spatial_attention_backward(Tensor grad_out, Tensor x) -> Tensor");
 
+  // ---- activated batch norm: leaky_relu(batch_norm(x)) with batch statistics, gamma = |weight| + eps,
+  // keeping only its output for backward (InPlace-ABN). Returns (y, mean, var): the biased batch
+  // statistics [C] (float32, float64 for float64 x) for the running estimates and the backward.
+  m.def("activated_batch_norm(Tensor x, Tensor weight, Tensor bias, float eps, float negative_slope) "
+        "-> (Tensor, Tensor, Tensor)");
+  // output_mask = (grad_x, grad_weight, grad_bias); unrequested gradients come back as shape [0]
+  m.def(
+      "activated_batch_norm_backward(Tensor grad_y, Tensor y, Tensor weight, Tensor bias, Tensor var, float eps, "
+      "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // ---- attention, tokens layout [B, H, N, D]; returns (out, lse) with lse [B, H, Nq] in float32
   // (float64 for float64 inputs). gate: optional point-wise logits [B, H, Nq]; out = sigmoid(gate) * attn.
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, float? scale=None, Tensor? gate=None) -> (Tensor, Tensor)");

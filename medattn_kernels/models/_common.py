@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.activated_batch_norm import ActivatedBatchNorm2d
 from ..nn.losses import soft_dice_loss
 
 
@@ -17,27 +18,34 @@ def backend_of(fused: bool) -> Optional[str]:
 
 
 class ConvBNAct(nn.Sequential):
-    """conv(k) -> BatchNorm -> ReLU (or GELU)."""
+    """conv(k) -> BatchNorm -> ReLU (act="relu"), GELU (act="gelu"), or conv(k) ->
+    ActivatedBatchNorm2d (act="abn": BatchNorm + leaky ReLU keeping only its output for backward,
+    the fused op with fused=True, its reference composite with fused=False)."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, act: str = "relu"):
-        super().__init__(nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False),
-                         nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True) if act == "relu" else nn.GELU())
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, act: str = "relu",
+                 fused: bool = True):
+        conv = nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False)
+        if act == "abn":
+            super().__init__(conv, ActivatedBatchNorm2d(cout, fused=fused))
+        elif act in ("relu", "gelu"):
+            super().__init__(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True) if act == "relu" else nn.GELU())
+        else:
+            raise ValueError(f"act: expected 'relu', 'gelu' or 'abn', got {act!r}")
 
 
 class DoubleConv(nn.Sequential):
-    """The U-Net block: two conv3x3-BN-ReLU."""
+    """The U-Net block: two conv3x3-BN-act (ConvBNAct's keyword arguments)."""
 
-    def __init__(self, cin: int, cout: int):
-        super().__init__(ConvBNAct(cin, cout), ConvBNAct(cout, cout))
+    def __init__(self, cin: int, cout: int, **block_kwargs):
+        super().__init__(ConvBNAct(cin, cout, **block_kwargs), ConvBNAct(cout, cout, **block_kwargs))
 
 
 class UpBlock(nn.Module):
     """Bilinear x2 (to the skip's size), concat with the skip, DoubleConv."""
 
-    def __init__(self, cin: int, cskip: int, cout: int):
+    def __init__(self, cin: int, cskip: int, cout: int, **block_kwargs):
         super().__init__()
-        self.conv = DoubleConv(cin + cskip, cout)
+        self.conv = DoubleConv(cin + cskip, cout, **block_kwargs)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)

@@ -26,13 +26,14 @@ from ._common import ConvBNAct, SegmentationModel, UpBlock
 
 
 class DINEncoder(nn.Module):
-    def __init__(self, in_channels: int, stem_width: int, widths: Sequence[int], depth: int):
+    def __init__(self, in_channels: int, stem_width: int, widths: Sequence[int], depth: int, **block_kwargs):
         super().__init__()
-        self.stem_full = ConvBNAct(in_channels, stem_width)
-        self.stem_half = ConvBNAct(stem_width, stem_width, stride=2)
+        self.stem_full = ConvBNAct(in_channels, stem_width, **block_kwargs)
+        self.stem_half = ConvBNAct(stem_width, stem_width, stride=2, **block_kwargs)
         stages, cin = [], stem_width
         for c in widths:
-            stages.append(nn.Sequential(ConvBNAct(cin, c, stride=2), *[ConvBNAct(c, c) for _ in range(depth)]))
+            stages.append(nn.Sequential(ConvBNAct(cin, c, stride=2, **block_kwargs),
+                                        *[ConvBNAct(c, c, **block_kwargs) for _ in range(depth)]))
             cin = c
         self.stages = nn.ModuleList(stages)
 
@@ -49,9 +50,9 @@ class DINEncoder(nn.Module):
 class LowHighMerge(nn.Module):
     """concat(avg_pool(previous stage), this stage) -> conv1x1-BN-ReLU."""
 
-    def __init__(self, c_low: int, c_high: int):
+    def __init__(self, c_low: int, c_high: int, **block_kwargs):
         super().__init__()
-        self.conv = ConvBNAct(c_low + c_high, c_high, kernel_size=1)
+        self.conv = ConvBNAct(c_low + c_high, c_high, kernel_size=1, **block_kwargs)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([F.adaptive_avg_pool2d(low, high.shape[-2:]), high], 1))
@@ -65,28 +66,32 @@ class DIN(SegmentationModel):
         stem_width: channels at S and S/2.
         depth: extra conv3x3 blocks per encoder stage after the stride-2 one.
         heads: attention heads in every DIFM.
+        activated_bn: every conv block is conv -> ActivatedBatchNorm2d (BatchNorm + leaky ReLU 0.01,
+            scale |weight| + eps), which keeps one activation per block for backward instead of two
+            when fused (True, the default); False: conv -> BatchNorm2d -> ReLU in both variants.
         fused: medattn fused ops (True) or the pure-PyTorch references (False), same parameters.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, widths: Sequence[int] = (32, 48, 64, 96),
                  stem_width: int = 16, depth: int = 1, heads: int = 1, fused: bool = True,
-                 boundary_scales: Sequence[int] = (1, 2, 4)):
+                 boundary_scales: Sequence[int] = (1, 2, 4), activated_bn: bool = True):
         super().__init__()
         widths = tuple(widths)
         self.fused = fused
-        self.enc_orig = DINEncoder(in_channels, stem_width, widths, depth)
-        self.enc_enh = DINEncoder(in_channels, stem_width, widths, depth)
+        blk = dict(act="abn", fused=fused) if activated_bn else {}
+        self.enc_orig = DINEncoder(in_channels, stem_width, widths, depth, **blk)
+        self.enc_enh = DINEncoder(in_channels, stem_width, widths, depth, **blk)
         lows = (stem_width,) + widths[:-1]
-        self.merge_orig = nn.ModuleList(LowHighMerge(lo, hi) for lo, hi in zip(lows, widths))
-        self.merge_enh = nn.ModuleList(LowHighMerge(lo, hi) for lo, hi in zip(lows, widths))
+        self.merge_orig = nn.ModuleList(LowHighMerge(lo, hi, **blk) for lo, hi in zip(lows, widths))
+        self.merge_enh = nn.ModuleList(LowHighMerge(lo, hi, **blk) for lo, hi in zip(lows, widths))
         self.difm = nn.ModuleList(DualInteractiveFusion(c, heads=heads, fused=fused) for c in widths)
-        self.skip_full = ConvBNAct(2 * stem_width, stem_width, kernel_size=1)
-        self.skip_half = ConvBNAct(2 * stem_width, stem_width, kernel_size=1)
+        self.skip_full = ConvBNAct(2 * stem_width, stem_width, kernel_size=1, **blk)
+        self.skip_half = ConvBNAct(2 * stem_width, stem_width, kernel_size=1, **blk)
         ups, cin = [], widths[-1]
         for c in reversed(widths[:-1]):
-            ups.append(UpBlock(cin, c, c))
+            ups.append(UpBlock(cin, c, c, **blk))
             cin = c
-        ups += [UpBlock(cin, stem_width, stem_width), UpBlock(stem_width, stem_width, stem_width)]
+        ups += [UpBlock(cin, stem_width, stem_width, **blk), UpBlock(stem_width, stem_width, stem_width, **blk)]
         self.ups = nn.ModuleList(ups)
         self.head = nn.Conv2d(stem_width, num_classes, 1)
         self.criterion = DINLoss(scales=tuple(boundary_scales), fused=fused)

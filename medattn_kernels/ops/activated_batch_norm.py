@@ -1,0 +1,103 @@
+"""activated_batch_norm: training-mode batch norm + leaky ReLU that keeps only its output (InPlace-ABN).
+
+``y = leaky_relu((x - mean) / sqrt(var + eps) * (|weight| + eps) + bias, negative_slope)`` with the
+biased batch statistics over (B, H, W). Autograd saves y, the two [C] parameters and var, never x:
+for slope > 0 and gamma = |weight| + eps > 0 the activation and the affine map can be inverted, so
+the backward rebuilds x_hat from y (csrc/cpu/activated_batch_norm.cpp has the formulas). In a
+conv-BN-act stack the next conv keeps y as its input anyway, so this halves what the stack keeps.
+The op also returns the batch mean and variance (not differentiable) for the running estimates.
+
+GPU: Triton only (two memory-bound passes with per-channel reductions; nothing for CUDA C++ to win).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._checks import check_dims, check_floating, check_like, check_tensor
+from ._registry import FusedOp, needs_grad, none_if_absent
+from .global_spatial_attention import output_layout
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the returned mean and var: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake(x, weight, bias, eps, negative_slope):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=output_layout(x)), x.new_empty((c,), dtype=stat_dtype(x.dtype)),
+            x.new_empty((c,), dtype=stat_dtype(x.dtype)))
+
+
+def _backward_fake(grad_y, y, weight, bias, var, eps, negative_slope, output_mask):
+    return (torch.empty_like(y, memory_format=output_layout(y)) if output_mask[0] else y.new_empty((0,)),
+            torch.empty_like(weight) if output_mask[1] else y.new_empty((0,)),
+            torch.empty_like(bias) if output_mask[2] else y.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight, bias, eps, negative_slope = inputs
+    y, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(y, weight, bias, var)
+    ctx.abn_args = (eps, negative_slope)
+
+
+def _backward(ctx, backward_fn, grad_y, grad_mean=None, grad_var=None):
+    y, weight, bias, var = ctx.saved_tensors
+    mask = [needs_grad(ctx, 0), needs_grad(ctx, 1), needs_grad(ctx, 2)]
+    if grad_y is None or not any(mask):
+        return None, None, None, None, None
+    grad_x, grad_w, grad_b = backward_fn(grad_y, y, weight, bias, var, *ctx.abn_args, mask)
+    return none_if_absent(grad_x), none_if_absent(grad_w), none_if_absent(grad_b), None, None
+
+
+def _triton():
+    from ..triton import activated_batch_norm as kernels
+    return kernels.forward, kernels.backward
+
+
+SPEC = FusedOp(
+    name="activated_batch_norm",
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_fake=_backward_fake,
+    triton=_triton(),
+).register()
+
+
+def activated_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                         negative_slope: float = 0.01, *, backend=None):
+    """Training-mode batch norm followed by leaky ReLU, keeping only the output for backward.
+
+    Args:
+        x: ``[B, C, H, W]`` floating tensor, NCHW or channels_last (the output keeps channels_last);
+            B * H * W must exceed 1 (batch statistics).
+        weight, bias: ``[C]``, x's dtype and device; the scale applied is ``|weight| + eps``.
+        eps: added to the variance and to |weight| (> 0).
+        negative_slope: leaky ReLU slope (> 0: the backward inverts the activation).
+        backend: ``None`` (fastest available), ``"reference"``, ``"cpu"`` or ``"triton"``.
+
+    Returns:
+        ``(y, mean, var)``: the activation, and the biased batch mean and variance ``[C]`` (float32,
+        float64 for float64 x; not differentiable) for updating running estimates.
+    """
+    check_tensor(x, "x", 4, "[B, C, H, W]")
+    check_floating(x, "x")
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_tensor(p, name)
+        check_like(p, name, x, "x")
+        check_dims(p, name, [x.shape[1]], f"[C] = [{x.shape[1]}]")
+    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"x: expected more than 1 value per channel (B * H * W > 1) for batch statistics, "
+                         f"got shape {tuple(x.shape)}")
+    if not float(eps) > 0:
+        raise ValueError(f"eps: expected > 0, got {eps}")
+    if not float(negative_slope) > 0:
+        raise ValueError(f"negative_slope: expected > 0 (the activation must be invertible), got {negative_slope}")
+    chosen = SPEC.resolve(backend, x, "x")
+    if chosen == "reference":
+        return reference.activated_batch_norm(x, weight, bias, float(eps), float(negative_slope))
+    return SPEC.run(chosen, x, weight, bias, float(eps), float(negative_slope))
