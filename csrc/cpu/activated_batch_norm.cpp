@@ -11,14 +11,15 @@
 //   grad_x = gamma * invstd * (dz - (sum dz + xhat * sum dz * xhat) / M),   M = B * H * W
 // The |weight| + eps parameterisation keeps gamma away from 0, where the inversion would break.
 //
-// Work item = one channel (its B * HW values are reduced together). Reductions accumulate in double
-// with `omp simd` reductions (vectorised), and the variance is taken around the channel's first value
+// Work item = one channel (its B * HW values are reduced together). Reductions are `omp simd`
+// reductions (vectorised) over blocks of 512 values, whose sums accumulate in double; the variance is taken around the channel's first value
 // (shifted sums), which avoids the cancellation of E[x^2] - E[x]^2 without a third pass over x.
 // NCHW and channels_last inputs are read in place through (batch, channel, pixel) strides; the output
 // has the input's layout.
 #include "medattn/common.h"
 
-#include <vector>
+#include <algorithm>
+#include <type_traits>
 
 namespace medattn {
 namespace {
@@ -42,21 +43,47 @@ inline MapView view_of(const at::Tensor& x) {
 
 // Calls fn(row pointer, stride, length) for every contiguous run of channel c's values: one run per
 // batch image in NCHW (stride 1, vectorisable), one strided run per image in channels_last.
+// Runs body(row_offset, stride) over channel c's rows (one per image). Unit stride (NCHW) is passed as
+// a compile-time 1 so that the loops over `i * stride` vectorise into plain loads; channels_last rows
+// (stride C) take the strided instantiation.
+template <typename Body>
+inline void for_each_row(const MapView& v, int64_t c, const Body& body) {
+  for (int64_t b = 0; b < v.B; ++b) {
+    const int64_t off = b * v.sb + c * v.sc;
+    if (v.sp == 1)
+      body(off, std::integral_constant<int64_t, 1>{});
+    else
+      body(off, v.sp);
+  }
+}
+
+// Partial sums run in `acc` (float for float32 / bfloat16: twice the vector width of double) over blocks
+// of kSumBlock values, and the block sums are added in double: the rounding error of a block sum stays
+// at float's over 512 terms, and the channel total (up to millions of terms) at double's.
+constexpr int64_t kSumBlock = 512;
+
 // Shifted sums over channel c's M values: (sum (x - shift), sum (x - shift)^2) with shift = its first
 // value, in double. One contiguous run per image in NCHW (vectorised), a strided one in channels_last.
 template <typename scalar_t>
 std::pair<double, double> shifted_sums(const scalar_t* xp, const MapView& v, int64_t c, double shift) {
   double s1 = 0, s2 = 0;
-  for (int64_t b = 0; b < v.B; ++b) {
-    const scalar_t* row = xp + b * v.sb + c * v.sc;
-    const int64_t st = v.sp;
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t i = 0; i < v.HW; ++i) {
-      const double d = static_cast<double>(row[i * st]) - shift;
-      s1 += d;
-      s2 += d * d;
+  for_each_row(v, c, [&](int64_t off, auto st) {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* row = xp + off;
+    const acc shift_acc = static_cast<acc>(shift);
+    for (int64_t i0 = 0; i0 < v.HW; i0 += kSumBlock) {
+      const int64_t i1 = std::min(v.HW, i0 + kSumBlock);
+      acc r1 = 0, r2 = 0;
+#pragma omp simd reduction(+ : r1, r2)
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc d = static_cast<acc>(row[i * st]) - shift_acc;
+        r1 += d;
+        r2 += d * d;
+      }
+      s1 += static_cast<double>(r1);
+      s2 += static_cast<double>(r2);
     }
-  }
+  });
   return {s1, s2};
 }
 
@@ -66,16 +93,15 @@ template <typename scalar_t, typename acc>
 // `acc` cannot hold, so a large common offset of x does not cost y its low bits.
 void apply_channel(const scalar_t* xp, scalar_t* yp, const MapView& v, int64_t c, acc mean_hi, acc mean_lo,
                    acc scale, acc beta, acc slope) {
-  for (int64_t b = 0; b < v.B; ++b) {
-    const scalar_t* xr = xp + b * v.sb + c * v.sc;
-    scalar_t* yr = yp + b * v.sb + c * v.sc;
-    const int64_t st = v.sp;
+  for_each_row(v, c, [&](int64_t off, auto st) {
+    const scalar_t* xr = xp + off;
+    scalar_t* yr = yp + off;
 #pragma omp simd
     for (int64_t i = 0; i < v.HW; ++i) {
       const acc z = ((static_cast<acc>(xr[i * st]) - mean_hi) - mean_lo) * scale + beta;
       yr[i * st] = static_cast<scalar_t>(z > acc(0) ? z : z * slope);
     }
-  }
+  });
 }
 
 // Channel c's backward constants: dz and xhat rebuilt from y (see the top of the file).
@@ -88,28 +114,32 @@ template <typename scalar_t, typename acc>
 std::pair<double, double> backward_sums(const scalar_t* yp, const scalar_t* gp, const MapView& v, int64_t c,
                                         Inverse<acc> k) {
   double sum_dz = 0, sum_dz_xhat = 0;
-  for (int64_t b = 0; b < v.B; ++b) {
-    const scalar_t* yr = yp + b * v.sb + c * v.sc;
-    const scalar_t* gr = gp + b * v.sb + c * v.sc;
-    const int64_t st = v.sp;
-#pragma omp simd reduction(+ : sum_dz, sum_dz_xhat)
-    for (int64_t i = 0; i < v.HW; ++i) {
-      const acc yv = static_cast<acc>(yr[i * st]), gv = static_cast<acc>(gr[i * st]);
-      const bool pos = yv > acc(0);
-      const acc dz = pos ? gv : gv * k.slope;
-      const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
-      sum_dz += static_cast<double>(dz);
-      sum_dz_xhat += static_cast<double>(dz * xhat);
+  for_each_row(v, c, [&](int64_t off, auto st) {
+    const scalar_t* yr = yp + off;
+    const scalar_t* gr = gp + off;
+    for (int64_t i0 = 0; i0 < v.HW; i0 += kSumBlock) {
+      const int64_t i1 = std::min(v.HW, i0 + kSumBlock);
+      acc r1 = 0, r2 = 0;
+#pragma omp simd reduction(+ : r1, r2)
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc yv = static_cast<acc>(yr[i * st]), gv = static_cast<acc>(gr[i * st]);
+        const bool pos = yv > acc(0);
+        const acc dz = pos ? gv : gv * k.slope;
+        const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
+        r1 += dz;
+        r2 += dz * xhat;
+      }
+      sum_dz += static_cast<double>(r1);
+      sum_dz_xhat += static_cast<double>(r2);
     }
-  }
+  });
   return {sum_dz, sum_dz_xhat};
 }
 
 template <typename scalar_t, typename acc>
 void grad_x_channel(const scalar_t* yp, const scalar_t* gp, scalar_t* out, const MapView& v, int64_t c,
                     Inverse<acc> k, acc coef, acc mean_dz, acc mean_dz_xhat) {
-  for (int64_t b = 0; b < v.B; ++b) {
-    const int64_t off = b * v.sb + c * v.sc, st = v.sp;
+  for_each_row(v, c, [&](int64_t off, auto st) {
     const scalar_t* yr = yp + off;
     const scalar_t* gr = gp + off;
     scalar_t* orow = out + off;
@@ -121,7 +151,7 @@ void grad_x_channel(const scalar_t* yp, const scalar_t* gp, scalar_t* out, const
       const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
       orow[i * st] = static_cast<scalar_t>(coef * (dz - mean_dz - xhat * mean_dz_xhat));
     }
-  }
+  });
 }
 
 void check_params(const at::Tensor& x, const at::Tensor& t, const char* name) {
