@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 namespace medattn {
 namespace {
@@ -62,35 +63,43 @@ inline void for_each_row(const MapView& v, int64_t c, const Body& body) {
 // at float's over 512 terms, and the channel total (up to millions of terms) at double's.
 constexpr int64_t kSumBlock = 512;
 
-// Shifted sums over channel c's M values: (sum (x - shift), sum (x - shift)^2) with shift = its first
-// value, in double. One contiguous run per image in NCHW (vectorised), a strided one in channels_last.
+// (sum a_i, sum b_i) over i in [0, n) for (a_i, b_i) = terms(i), into the double totals s1 and s2.
+template <typename acc, typename Terms>
+inline void add_blocked_sums(int64_t n, const Terms& terms, double& s1, double& s2) {
+  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+    const int64_t i1 = std::min(n, i0 + kSumBlock);
+    acc r1 = 0, r2 = 0;
+#pragma omp simd reduction(+ : r1, r2)
+    for (int64_t i = i0; i < i1; ++i) {
+      const std::pair<acc, acc> t = terms(i);
+      r1 += t.first;
+      r2 += t.second;
+    }
+    s1 += static_cast<double>(r1);
+    s2 += static_cast<double>(r2);
+  }
+}
+
+// Shifted sums over channel c's M values: (sum (x - shift), sum (x - shift)^2), shift = its first value.
 template <typename scalar_t>
 std::pair<double, double> shifted_sums(const scalar_t* xp, const MapView& v, int64_t c, double shift) {
+  using acc = acc_t<scalar_t>;
+  const acc shift_acc = static_cast<acc>(shift);
   double s1 = 0, s2 = 0;
   for_each_row(v, c, [&](int64_t off, auto st) {
-    using acc = acc_t<scalar_t>;
     const scalar_t* row = xp + off;
-    const acc shift_acc = static_cast<acc>(shift);
-    for (int64_t i0 = 0; i0 < v.HW; i0 += kSumBlock) {
-      const int64_t i1 = std::min(v.HW, i0 + kSumBlock);
-      acc r1 = 0, r2 = 0;
-#pragma omp simd reduction(+ : r1, r2)
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc d = static_cast<acc>(row[i * st]) - shift_acc;
-        r1 += d;
-        r2 += d * d;
-      }
-      s1 += static_cast<double>(r1);
-      s2 += static_cast<double>(r2);
-    }
+    add_blocked_sums<acc>(v.HW, [&](int64_t i) {
+      const acc d = static_cast<acc>(row[i * st]) - shift_acc;
+      return std::pair<acc, acc>(d, d * d);
+    }, s1, s2);
   });
   return {s1, s2};
 }
 
-template <typename scalar_t, typename acc>
 // z = ((x - mean_hi) - mean_lo) * scale + beta rather than x * scale + (beta - mean * scale): x - mean_hi
 // is exact for x near the mean and mean_lo = mean - mean_hi carries the bits of the (double) mean that
 // `acc` cannot hold, so a large common offset of x does not cost y its low bits.
+template <typename scalar_t, typename acc>
 void apply_channel(const scalar_t* xp, scalar_t* yp, const MapView& v, int64_t c, acc mean_hi, acc mean_lo,
                    acc scale, acc beta, acc slope) {
   for_each_row(v, c, [&](int64_t off, auto st) {
@@ -117,21 +126,13 @@ std::pair<double, double> backward_sums(const scalar_t* yp, const scalar_t* gp, 
   for_each_row(v, c, [&](int64_t off, auto st) {
     const scalar_t* yr = yp + off;
     const scalar_t* gr = gp + off;
-    for (int64_t i0 = 0; i0 < v.HW; i0 += kSumBlock) {
-      const int64_t i1 = std::min(v.HW, i0 + kSumBlock);
-      acc r1 = 0, r2 = 0;
-#pragma omp simd reduction(+ : r1, r2)
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc yv = static_cast<acc>(yr[i * st]), gv = static_cast<acc>(gr[i * st]);
-        const bool pos = yv > acc(0);
-        const acc dz = pos ? gv : gv * k.slope;
-        const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
-        r1 += dz;
-        r2 += dz * xhat;
-      }
-      sum_dz += static_cast<double>(r1);
-      sum_dz_xhat += static_cast<double>(r2);
-    }
+    add_blocked_sums<acc>(v.HW, [&](int64_t i) {
+      const acc yv = static_cast<acc>(yr[i * st]), gv = static_cast<acc>(gr[i * st]);
+      const bool pos = yv > acc(0);
+      const acc dz = pos ? gv : gv * k.slope;
+      const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
+      return std::pair<acc, acc>(dz, dz * xhat);
+    }, sum_dz, sum_dz_xhat);
   });
   return {sum_dz, sum_dz_xhat};
 }
