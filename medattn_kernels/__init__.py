@@ -1,5 +1,6 @@
 """medattn-kernels: fused attention, global spatial attention, large-kernel depthwise convolution and
-multi-scale Sobel boundary loss for medical image segmentation, as autograd-compatible
+multi-scale Sobel boundary loss for medical image segmentation, plus an activated batch norm (BatchNorm +
+leaky ReLU keeping only its output for backward), as autograd-compatible
 torch.ops.medattn.* ops with C++ CPU, Triton and CUDA kernels and a pure-PyTorch reference each."""
 from . import _extension  # noqa: F401  (loads torch.ops.medattn before the op modules register on it)
 from . import nn, reference, testing  # noqa: F401
