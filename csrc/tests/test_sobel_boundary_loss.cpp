@@ -3,6 +3,8 @@
 // direction (float64), labels against their one-hot encoding, and the argument checks.
 #include "test_util.h"
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <random>
 #include <tuple>
@@ -50,20 +52,34 @@ int main() {
   auto labels = at::randint(0, 3, {2, 17, 23}, at::kLong);
   auto one_hot = at::one_hot(labels, 3).permute({0, 3, 1, 2}).to(at::kDouble).contiguous();
   for (auto dtype : {at::kDouble, at::kFloat}) {
-    const double tol = dtype == at::kDouble ? 1e-12 : 2e-6;
+    // float64: the package-wide 1e-10 (medattn_kernels.testing.TOLERANCES). The ATen oracle is not
+    // repeatable below that: in a fresh process its first evaluation differed from its second by up to
+    // 4e-13 (Python) and 1e-11 (here, about 1 run in 10), with the kernel matching the second.
+    const double tol = dtype == at::kDouble ? 1e-10 : 2e-6;
     auto [loss, grad] = forward.call(p.to(dtype), one_hot.to(dtype), scales, weights, 1e-6, false, kNoIgnore, 1, true);
     expect_close(loss, expected_loss(p, one_hot, scales, 1e-6), tol, std::string("loss ") + c10::toString(dtype));
     auto [loss_l, grad_l] = forward.call(p.to(dtype), labels, scales, weights, 1e-6, false, kNoIgnore, 1, true);
     expect_close(loss_l, loss, 0.0, std::string("labels == one-hot, loss ") + c10::toString(dtype));
     expect_close(grad_l, grad, 0.0, std::string("labels == one-hot, grad ") + c10::toString(dtype));
   }
-  // <grad, v> against (L(p + h v) - L(p - h v)) / 2h.
+  // <grad, v> against (L(p + h v) - L(p - h v)) / 2h. The loss sums |G(P p) - G(P y)|, which has kinks:
+  // a direction whose [-h, h] segment crosses one (about 1 draw in 75) has one-sided slopes that differ
+  // by O(1) instead of O(h), and is redrawn.
   auto [loss, grad] = forward.call(p, one_hot, scales, weights, 1e-6, false, kNoIgnore, 1, true);
-  auto v = at::randn_like(p);
   const double h = 1e-6;
-  auto plus = std::get<0>(forward.call(p + h * v, one_hot, scales, weights, 1e-6, false, kNoIgnore, 1, false));
-  auto minus = std::get<0>(forward.call(p - h * v, one_hot, scales, weights, 1e-6, false, kNoIgnore, 1, false));
-  expect_close((grad * v).sum(), (plus - minus) / (2 * h), 1e-6, "directional derivative");
+  auto loss_at = [&](const at::Tensor& q) {
+    return std::get<0>(forward.call(q, one_hot, scales, weights, 1e-6, false, kNoIgnore, 1, false)).item<double>();
+  };
+  at::Tensor v;
+  double central = 0;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    v = at::randn_like(p);
+    const double l0 = loss.item<double>(), plus = loss_at(p + h * v), minus = loss_at(p - h * v);
+    const double right = (plus - l0) / h, left = (l0 - minus) / h;
+    central = (plus - minus) / (2 * h);
+    if (std::abs(right - left) <= 1e-3 * std::max(std::abs(central), 1e-12)) break;
+  }
+  expect_close((grad * v).sum(), at::scalar_tensor(central, at::kDouble), 1e-6, "directional derivative");
   expect_close(backward.call(at::full({}, 3.0, p.options()), grad, 1), 3 * grad, 1e-15, "backward scales");
 
   expect_throws([&] { forward.call(at::rand({2, 3, 4}), labels, scales, weights, 1e-6, false, kNoIgnore, 1, false); },
