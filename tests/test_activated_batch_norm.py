@@ -42,13 +42,26 @@ def check_parity(backend, shape, dtype, layout="contiguous", slope=0.01, device=
     assert_close_to_reference(var, var_ref, dtype, "var")
     grad = torch.randn(shape, dtype=torch.float64, device=device)
     grads, grads_ref = grads_of(y, [x, weight, bias], grad), grads_of(y_ref, leaves64, grad)
+    floor = [0.0] * 3
+    if dtype != torch.float64:
+        # grad weight = sum dz * xhat and grad bias = sum dz are sums over B*H*W terms that can cancel:
+        # their rounding error scales with the sum of the terms' magnitudes, not with the result. Scale
+        # the dtype's tolerance by that condition number (float32, B*H*W = 60: grad bias 0.016 from
+        # terms of size 1 gave 2.7e-5 against the generic 2e-5).
+        x64 = leaves64[0].detach()
+        var64, mean64 = torch.var_mean(x64, dim=(0, 2, 3), correction=0, keepdim=True)
+        xhat = (x64 - mean64) / torch.sqrt(var64 + 1e-5)
+        dz = torch.where(y_ref.detach() > 0, grad, grad * slope)
+        for i, terms in ((1, dz * xhat), (2, dz)):
+            condition = terms.abs().sum((0, 2, 3)).max() / grads_ref[i].abs().max().clamp_min(1e-300)
+            floor[i] = tolerance(dtype) * max(1.0, condition.item())
     if dtype == torch.bfloat16:
+        # bfloat16 y (8-bit mantissa), from which x_hat is rebuilt: also accept 0.1, or twice the error
+        # of the composite computed in bfloat16 from the same inputs.
         leaves_same = [t.detach().requires_grad_() for t in (x, weight, bias)]
         y_same = reference.activated_batch_norm(*leaves_same, 1e-5, slope)[0]
-        floor = [max(BF16_GRAD_TOLERANCE, SAME_DTYPE_FACTOR * rel_error(g, r))
-                 for g, r in zip(grads_of(y_same, leaves_same, grad), grads_ref)]
-    else:
-        floor = [0.0] * 3
+        floor = [max(f, BF16_GRAD_TOLERANCE, SAME_DTYPE_FACTOR * rel_error(g, r))
+                 for f, g, r in zip(floor, grads_of(y_same, leaves_same, grad), grads_ref)]
     for name, g, g_ref, f in zip(["x", "weight", "bias"], grads, grads_ref, floor):
         assert_close_to_reference(g, g_ref, dtype, f"grad {name}", tol=max(tolerance(dtype), f))
     return y
