@@ -25,6 +25,16 @@ def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
     return TF32_TOLERANCE if tf32 and dtype == torch.float32 else TOLERANCES[dtype]
 
 
+def sum_tolerance(dtype: torch.dtype, terms: torch.Tensor, reference: torch.Tensor, dims) -> float:
+    """Tolerance for a result that is a sum of `terms` over `dims` (a bias or normalisation-parameter
+    gradient): the dtype's tolerance times the sum's condition number max_c sum |terms| / max |reference|.
+    Rounding, including that of the inputs to the dtype, scales with the terms' magnitudes, not with a
+    sum that cancels (a bias gradient of 0.016 made of 60 terms of size 1)."""
+    scale = terms.detach().abs().sum(dims).max().item()
+    denom = reference.detach().abs().max().item()
+    return tolerance(dtype) * max(1.0, scale / denom if denom > 0 else 1.0)
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref| in float64; NaN where out and ref disagree on NaN positions, 0 for
     empty tensors. Positions where both are NaN, or both the same Inf, count as equal."""
