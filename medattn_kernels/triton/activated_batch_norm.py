@@ -28,6 +28,14 @@ def _offsets(c, start, HW, M, stride_b, stride_c, stride_p, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _store_partials(part_ptr, c, s, SPLITS, s1, s2):
+    """This (channel, chunk) program's two partial sums, into the [C, SPLITS, 2] buffer."""
+    out = part_ptr + (c * SPLITS + s) * 2
+    tl.store(out, tl.sum(s1, 0))
+    tl.store(out + 1, tl.sum(s2, 0))
+
+
+@triton.jit
 def _shifted_sums_kernel(x_ptr, part_ptr, M, HW, chunk, SPLITS, stride_b, stride_c, stride_p,
                          ACC: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -40,9 +48,7 @@ def _shifted_sums_kernel(x_ptr, part_ptr, M, HW, chunk, SPLITS, stride_b, stride
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
         s1 += d
         s2 += d * d
-    out = part_ptr + (c * SPLITS + s) * 2
-    tl.store(out, tl.sum(s1, 0))
-    tl.store(out + 1, tl.sum(s2, 0))
+    _store_partials(part_ptr, c, s, SPLITS, s1, s2)
 
 
 @triton.jit
@@ -87,9 +93,7 @@ def _backward_sums_kernel(y_ptr, g_ptr, beta_ptr, inv_gamma_ptr, part_ptr, M, HW
         dz, xhat = _rebuild(y_ptr, g_ptr, offs, mask, slope, beta, inv_gamma, ACC)
         s1 += dz  # masked lanes load y = g = 0, so dz = 0 there
         s2 += dz * xhat
-    out = part_ptr + (c * SPLITS + s) * 2
-    tl.store(out, tl.sum(s1, 0))
-    tl.store(out + 1, tl.sum(s2, 0))
+    _store_partials(part_ptr, c, s, SPLITS, s1, s2)
 
 
 @triton.jit
