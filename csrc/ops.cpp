@@ -14,6 +14,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(medattn, m) {
+  // ---- runtime CPU ISA dispatch (csrc/dispatch.cpp): the capability whose kernels this process runs
+  // ("DEFAULT", "AVX2" or "AVX512", PyTorch's names) and the capabilities compiled into this build.
+  m.def("_cpu_isa() -> str");
+  m.def("_cpu_isas_compiled() -> str[]");
+
   // ---- global spatial attention: x * sigmoid(mean_c x) (+ the same of y, summed in one pass)
   m.def("global_spatial_attention(Tensor x, Tensor? y=None) -> Tensor");
   // d/dx of x * sigmoid(mean_c x); applied once per input for the two-branch sum.

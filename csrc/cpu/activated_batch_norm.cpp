@@ -17,12 +17,14 @@
 // NCHW and channels_last inputs are read in place through (batch, channel, pixel) strides; the output
 // has the input's layout.
 #include "medattn/common.h"
+#include "medattn/dispatch.h"
 
 #include <algorithm>
 #include <type_traits>
 #include <utility>
 
 namespace medattn {
+namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
 struct MapView {
@@ -277,10 +279,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_backward(const at::Tensor& gr
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(medattn, CPU, m) {
-  m.impl("activated_batch_norm", &abn_forward);
-  m.impl("activated_batch_norm_backward", &abn_backward);
+MEDATTN_REGISTER_CPU_KERNEL(abn_forward);
+MEDATTN_REGISTER_CPU_KERNEL(abn_backward);
+
+MEDATTN_CPU_OPS(m) {
+  m.impl("activated_batch_norm", MEDATTN_CPU_DISPATCH(abn_forward));
+  m.impl("activated_batch_norm_backward", MEDATTN_CPU_DISPATCH(abn_backward));
 }
 
 }  // namespace medattn

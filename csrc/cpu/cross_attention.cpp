@@ -11,7 +11,7 @@
 // (the call falls back to a plain loop where the BLAS symbols are missing). Large key blocks (512)
 // keep MKL near its peak and make the online-softmax rescaling negligible. The other cost is one
 // exp per score (two for the tied op): the branch-free Cody-Waite + Cephes polynomial exp of
-// medattn/vec_math.h (AVX-512: 16 lanes), 1e-7 relative error, NaN-propagating, exactly 0 below e^-87.3.
+// medattn/vec_math.h on this ISA pass's vectors, 1e-7 relative error, NaN-propagating, exactly 0 below e^-87.3.
 //
 // Parallelism and determinism (no atomics): the forward is parallel over (problem, batch x head, query
 // block) items that own their outputs. Backward and the tied forward accumulate column-indexed results
@@ -24,13 +24,11 @@
 // bfloat16 inputs are computed in float32 (converted once on entry); float64 runs in double with
 // std::exp (the test oracle path).
 #include "medattn/common.h"
-#include "medattn/vec_math.h"  // exp_nonpositive, exp16_nan
+#include "medattn/dispatch.h"
+#include "medattn/vec_math.h"  // exp_nonpositive, lane_sum, lane_max
 
 #include <algorithm>
 #include <type_traits>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <limits>
 #include <optional>
 #include <utility>
@@ -48,6 +46,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace medattn {
+namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
 // Measured on a 2-core AVX-512 machine (N = 3136, D = 96): 256 x 512 forward blocks keep MKL at about
@@ -55,7 +54,6 @@ namespace {
 constexpr int64_t kBlockQ = 256;   // query rows per block (forward items and backward block rows)
 constexpr int64_t kBlockK = 512;   // keys per block in the forward
 constexpr int64_t kBlockKB = 256;  // keys per block in the backward (four score-sized buffers live at once)
-constexpr int kLanes = 16;         // accumulators per reduction: one AVX-512 register of floats
 
 // ------------------------------------------------------------------------------------------ GEMM
 // Row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C. A row-major matrix is the column-major
@@ -99,100 +97,67 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   }
 }
 
-#if defined(__AVX512F__)
-// GCC 12's _mm512_reduce_* intrinsics start from _mm512_undefined and trip -Wmaybe-uninitialized.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// The float hot loops below are written with AVX-512 intrinsics: GCC's auto-vectoriser stops at 256-bit
-// vectors and leaves the reductions scalar.
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
-#endif
+// The softmax loops run on at::vec::Vectorized<T> (this pass's register width; medattn/vec_math.h) over
+// whole vectors, and on scalars over the tail of a row.
 
 // x[c] = exp(x[c] - m); returns the sum.
 template <typename T>
 T exp_sub_sum(T* __restrict x, int64_t n, T m) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 k = tail_mask(n - c);
-      const __m512 e = exp16_nan(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), mv));
-      _mm512_mask_storeu_ps(x + c, k, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
-    }
-    return _mm512_reduce_add_ps(sum);
-  }
-#endif
-  for (int64_t c = 0; c < n; ++c) x[c] = exp_nonpositive(x[c] - m);
-  T lanes[kLanes] = {};
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V mv(m);
+  V sum(T(0));
   int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += x[c + l];
-  T sum = 0;
-  for (; c < n; ++c) sum += x[c];
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
+  for (; c + W <= n; c += W) {
+    const V e = exp_nonpositive(V::loadu(x + c) - mv);
+    e.store(x + c);
+    sum = sum + e;
+  }
+  T total = lane_sum(sum);
+  for (; c < n; ++c) {
+    x[c] = exp_nonpositive(x[c] - m);
+    total += x[c];
+  }
+  return total;
 }
 
 // dst[c] = exp(src[c] - sub[c]) (the column softmax of the tied op: one max / lse per column).
 template <typename T>
 void exp_sub_vec(T* __restrict dst, const T* __restrict src, const T* __restrict sub, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 k = tail_mask(n - c);
-      const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, src + c), _mm512_maskz_loadu_ps(k, sub + c));
-      _mm512_mask_storeu_ps(dst + c, k, exp16_nan(v));
-    }
-    return;
-  }
-#endif
-  for (int64_t c = 0; c < n; ++c) dst[c] = exp_nonpositive(src[c] - sub[c]);
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t c = 0;
+  for (; c + W <= n; c += W) exp_nonpositive(V::loadu(src + c) - V::loadu(sub + c)).store(dst + c);
+  for (; c < n; ++c) dst[c] = exp_nonpositive(src[c] - sub[c]);
 }
 
 // x[c] = exp(x[c] - m) (the backward's probabilities from the saved log-sum-exp).
 template <typename T>
 void exp_sub(T* __restrict x, int64_t n, T m) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 mv = _mm512_set1_ps(m);
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 k = tail_mask(n - c);
-      _mm512_mask_storeu_ps(x + c, k, exp16_nan(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), mv)));
-    }
-    return;
-  }
-#endif
-  for (int64_t c = 0; c < n; ++c) x[c] = exp_nonpositive(x[c] - m);
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V mv(m);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) exp_nonpositive(V::loadu(x + c) - mv).store(x + c);
+  for (; c < n; ++c) x[c] = exp_nonpositive(x[c] - m);
 }
 
-// Max ignoring NaN (a NaN score still reaches the output through exp(NaN - max)).
+// Max ignoring NaN (a NaN score still reaches the output through exp(NaN - max)): a lane takes x only
+// where x > m, which is false for NaN.
 template <typename T>
 T row_max(const T* __restrict x, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __m512 m = ninf;
-    for (int64_t c = 0; c < n; c += 16)
-      m = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, tail_mask(n - c), x + c), m);  // NaN lanes keep m
-    return _mm512_reduce_max_ps(m);
-  }
-#endif
-  T lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<T>::infinity();
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V mv(-std::numeric_limits<T>::infinity());
   int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = x[c + l] > lanes[l] ? x[c + l] : lanes[l];
-  T m = -std::numeric_limits<T>::infinity();
+  for (; c + W <= n; c += W) {
+    const V v = V::loadu(x + c);
+    mv = V::blendv(mv, v, v > mv);
+  }
+  T m = lane_max(mv);
   for (; c < n; ++c) m = x[c] > m ? x[c] : m;
-  for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
   return m;
 }
-
-#if defined(__AVX512F__)
-#pragma GCC diagnostic pop
-#endif
 
 // exp(old - new) for the online softmax; 1 when both are the same infinity (nothing seen yet, or a
 // row of -inf scores, whose NaN the exps of the scores themselves produce as softmax does).
@@ -927,14 +892,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tied_backward(
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(medattn, CPU, m) {
-  m.impl("cross_attention", &cross_attention_forward);
-  m.impl("cross_attention_backward", &cross_attention_backward);
-  m.impl("bidirectional_cross_attention", &bidirectional_forward);
-  m.impl("bidirectional_cross_attention_backward", &bidirectional_backward);
-  m.impl("tied_cross_attention", &tied_forward);
-  m.impl("tied_cross_attention_backward", &tied_backward);
+MEDATTN_REGISTER_CPU_KERNEL(cross_attention_forward);
+MEDATTN_REGISTER_CPU_KERNEL(cross_attention_backward);
+MEDATTN_REGISTER_CPU_KERNEL(bidirectional_forward);
+MEDATTN_REGISTER_CPU_KERNEL(bidirectional_backward);
+MEDATTN_REGISTER_CPU_KERNEL(tied_forward);
+MEDATTN_REGISTER_CPU_KERNEL(tied_backward);
+
+MEDATTN_CPU_OPS(m) {
+  m.impl("cross_attention", MEDATTN_CPU_DISPATCH(cross_attention_forward));
+  m.impl("cross_attention_backward", MEDATTN_CPU_DISPATCH(cross_attention_backward));
+  m.impl("bidirectional_cross_attention", MEDATTN_CPU_DISPATCH(bidirectional_forward));
+  m.impl("bidirectional_cross_attention_backward", MEDATTN_CPU_DISPATCH(bidirectional_backward));
+  m.impl("tied_cross_attention", MEDATTN_CPU_DISPATCH(tied_forward));
+  m.impl("tied_cross_attention_backward", MEDATTN_CPU_DISPATCH(tied_backward));
 }
 
 }  // namespace medattn

@@ -25,23 +25,30 @@
 // the output converted back to channels_last when x was channels_last (a copy each way; a native NHWC
 // kernel would vectorise over C instead and is left for later).
 #include "medattn/common.h"
+#include "medattn/dispatch.h"
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 #include <vector>
 
 namespace medattn {
+namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
-// 64-byte GCC/Clang vectors: one AVX-512 register (two AVX2 registers on a portable build).
-typedef float vec_f32 __attribute__((vector_size(64)));
-typedef double vec_f64 __attribute__((vector_size(64)));
-typedef int32_t mask_f32 __attribute__((vector_size(64)));
-typedef int64_t mask_f64 __attribute__((vector_size(64)));
+// GCC/Clang vectors of this ISA pass's register width (medattn/dispatch.h): 64 bytes (one zmm) in the
+// AVX512 pass, 32 (one ymm) in the AVX2 pass, 16 (SSE2 / NEON) in the DEFAULT pass.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVecBytes = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+typedef float vec_f32 __attribute__((vector_size(kVecBytes)));
+typedef double vec_f64 __attribute__((vector_size(kVecBytes)));
+typedef int32_t mask_f32 __attribute__((vector_size(kVecBytes)));
+typedef int64_t mask_f64 __attribute__((vector_size(kVecBytes)));
 
 template <typename acc>
 struct Simd;
@@ -49,13 +56,13 @@ template <>
 struct Simd<float> {
   using vec = vec_f32;
   using mask = mask_f32;
-  static constexpr int N = 16;
+  static constexpr int N = kVecBytes / 4;
 };
 template <>
 struct Simd<double> {
   using vec = vec_f64;
   using mask = mask_f64;
-  static constexpr int N = 8;
+  static constexpr int N = kVecBytes / 8;
 };
 
 template <typename acc>
@@ -70,19 +77,10 @@ inline void storeu(acc* p, typename Simd<acc>::vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Broadcast. A lane-by-lane fill compiles to 16 masked broadcasts with GCC, hence the intrinsics.
+// Broadcast (a vector-scalar operation broadcasts the scalar: one vbroadcastss).
 template <typename acc>
 inline typename Simd<acc>::vec splat(acc s) {
-#ifdef __AVX512F__
-  if constexpr (std::is_same_v<acc, float>)
-    return (vec_f32)_mm512_set1_ps(s);
-  else
-    return (vec_f64)_mm512_set1_pd(s);
-#else
-  typename Simd<acc>::vec v;
-  for (int i = 0; i < Simd<acc>::N; ++i) v[i] = s;
-  return v;
-#endif
+  return typename Simd<acc>::vec{} + s;
 }
 
 template <typename acc>
@@ -494,10 +492,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward(const at::Tensor& gra
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(medattn, CPU, m) {
-  m.impl("depthwise_conv2d", &dw_forward);
-  m.impl("depthwise_conv2d_backward", &dw_backward);
+MEDATTN_REGISTER_CPU_KERNEL(dw_forward);
+MEDATTN_REGISTER_CPU_KERNEL(dw_backward);
+
+MEDATTN_CPU_OPS(m) {
+  m.impl("depthwise_conv2d", MEDATTN_CPU_DISPATCH(dw_forward));
+  m.impl("depthwise_conv2d_backward", MEDATTN_CPU_DISPATCH(dw_backward));
 }
 
 }  // namespace medattn

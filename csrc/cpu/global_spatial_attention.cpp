@@ -11,11 +11,13 @@
 //   grad_x_c = g_c s + (sum_c' g_c' x_c') s (1 - s) / C
 // so one pass forms both channel sums (of x and of g*x) and a second pass, from cache, writes grad_x.
 #include "medattn/common.h"
+#include "medattn/dispatch.h"
 
 #include <algorithm>
 #include <vector>
 
 namespace medattn {
+namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
 // 1024 x C values (a few hundred KiB) stay in L2 for the second pass, and 4 KiB unit-stride runs per
@@ -217,10 +219,14 @@ at::Tensor gsa_backward(const at::Tensor& grad_in, const at::Tensor& x_in) {
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(medattn, CPU, m) {
-  m.impl("global_spatial_attention", &gsa_forward);
-  m.impl("global_spatial_attention_backward", &gsa_backward);
+MEDATTN_REGISTER_CPU_KERNEL(gsa_forward);
+MEDATTN_REGISTER_CPU_KERNEL(gsa_backward);
+
+MEDATTN_CPU_OPS(m) {
+  m.impl("global_spatial_attention", MEDATTN_CPU_DISPATCH(gsa_forward));
+  m.impl("global_spatial_attention_backward", MEDATTN_CPU_DISPATCH(gsa_backward));
 }
 
 }  // namespace medattn

@@ -24,20 +24,16 @@
 // Memory: only grad_pred (pred's size) outlives the call; buffers are per thread or temporary.
 
 #include "medattn/common.h"
-#include "medattn/vec_math.h"  // exp_nonpositive
+#include "medattn/dispatch.h"
+#include "medattn/vec_math.h"  // exp_nonpositive, Vectorized
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#elif defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 namespace medattn {
+namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
 // "No ignore_index" in the schema's int (see medattn_kernels/ops/sobel_boundary_loss.py): int64 min,
@@ -155,27 +151,14 @@ inline void vertical_stencils(const acc* pad, int64_t i, int64_t Wp, acc* vs, ac
   }
 }
 
-// In-place sqrt of a row. std::sqrt may set errno (negative arguments), a side effect that keeps GCC
-// from vectorising any loop that calls it, and setup.py builds without -fno-math-errno (a
-// `#pragma GCC optimize` does not turn it off for builtins); hence explicit vector instructions.
-// Same results as std::sqrt (IEEE correctly rounded), NaN in, NaN out.
-inline void sqrt_inplace(float* x, int64_t n) {
+// In-place sqrt of a row on this pass's vectors (IEEE correctly rounded, as std::sqrt; NaN in, NaN out).
+// Explicit vectors because std::sqrt may set errno, a side effect that keeps GCC from vectorising a loop
+// that calls it.
+template <typename acc>
+inline void sqrt_inplace(acc* x, int64_t n) {
+  using V = Vectorized<acc>;
   int64_t j = 0;
-#if defined(__AVX__)
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_sqrt_ps(_mm256_loadu_ps(x + j)));
-#elif defined(__SSE2__)
-  for (; j + 4 <= n; j += 4) _mm_storeu_ps(x + j, _mm_sqrt_ps(_mm_loadu_ps(x + j)));
-#endif
-  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
-}
-
-inline void sqrt_inplace(double* x, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX__)
-  for (; j + 4 <= n; j += 4) _mm256_storeu_pd(x + j, _mm256_sqrt_pd(_mm256_loadu_pd(x + j)));
-#elif defined(__SSE2__)
-  for (; j + 2 <= n; j += 2) _mm_storeu_pd(x + j, _mm_sqrt_pd(_mm_loadu_pd(x + j)));
-#endif
+  for (; j + V::size() <= n; j += V::size()) V::loadu(x + j).sqrt().store(x + j);
   for (; j < n; ++j) x[j] = std::sqrt(x[j]);
 }
 
@@ -499,10 +482,14 @@ at::Tensor sobel_backward(const at::Tensor& grad_loss, const at::Tensor& grad_pr
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(medattn, CPU, m) {
-  m.impl("sobel_boundary_loss", &sobel_forward);
-  m.impl("sobel_boundary_loss_backward", &sobel_backward);
+MEDATTN_REGISTER_CPU_KERNEL(sobel_forward);
+MEDATTN_REGISTER_CPU_KERNEL(sobel_backward);
+
+MEDATTN_CPU_OPS(m) {
+  m.impl("sobel_boundary_loss", MEDATTN_CPU_DISPATCH(sobel_forward));
+  m.impl("sobel_boundary_loss_backward", MEDATTN_CPU_DISPATCH(sobel_backward));
 }
 
 }  // namespace medattn

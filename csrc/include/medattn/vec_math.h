@@ -1,20 +1,30 @@
-// Vectorisable math shared by the CPU kernels (softmaxes: cross attention, the boundary loss).
+// Vector math shared by the CPU kernels (softmaxes: cross attention, the boundary loss), compiled per ISA
+// pass (medattn/dispatch.h): at::vec::Vectorized<T> is a 16-float zmm register in the AVX512 pass, an
+// 8-float ymm register in the AVX2 pass, and a portable array (SSE2 on x86-64, NEON on aarch64) in the
+// DEFAULT pass. No intrinsics here: the same source is every pass's.
 #pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <limits>
 
 namespace medattn {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
 
 // exp(x) for a softmax's x = z - max z <= 0 (a rounding excess of a few ulps above 0 is fine), branch-free
 // so that loops over it vectorise (std::exp is a libm call that GCC does not vectorise without
 // -ffast-math): round-to-nearest range reduction x = n ln2 + r (Cody-Waite split of ln2) and the Cephes
 // expf polynomial, max relative error 8.4e-8 (about 1 ulp) over [-87.3, 0]. Below -87.3 (where expf
 // underflows to denormals) it returns 0; NaN gives NaN. double keeps std::exp.
+//
+// Why not Vectorized<float>::exp_u20(): its clamping maps NaN to exp(88.7), and NaN must propagate
+// (design.md section 6); exp() calls SLEEF, which libtorch does not export.
 inline float exp_nonpositive(float x) {
   const float xc = x < -87.3f ? -87.3f : x;
   float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: round to nearest
@@ -36,38 +46,55 @@ inline float exp_nonpositive(float x) {
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-#if defined(__AVX512F__)
-// The same exp on 16 floats, with fused multiply-adds (GCC's auto-vectoriser stops at 256-bit vectors, so
-// hot loops call this directly). Also clamps x to 88 so that 2^n stays finite. A NaN lane gives a
-// finite value: exp16_nan restores it.
-inline __m512 exp16_nonpositive(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);  // max(x, lo) returns lo for NaN x
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: n sits in the low mantissa bits of t
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 n = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000)), _mm512_set1_epi32(127)),
-      23);
-  const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-  return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
+// The same exp on a vector, with fused multiply-adds. x is also clamped to 88 so that 2^n stays finite.
+// NaN lanes stay NaN: at::vec::maximum / minimum propagate NaN, and so does the polynomial.
+inline Vectorized<float> exp_nonpositive(Vectorized<float> x) {
+  using V = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const V lo(-87.3f);
+  const V underflow = x < lo;  // all-ones lanes; false for NaN
+  const V xc = at::vec::minimum(at::vec::maximum(x, lo), V(88.0f));
+  const V magic(12582912.0f);  // 1.5 * 2^23: t's low mantissa bits hold n = round(x / ln2)
+  const V t = at::vec::fmadd(xc, V(1.44269504088896341f), magic);
+  const V n = t - magic;
+  V r = at::vec::fnmadd(n, V(0.693359375f), xc);
+  r = at::vec::fnmadd(n, V(-2.12194440e-4f), r);
+  V p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + V(1.0f));
+  // 2^n from the bits of t: (bits(t) - bits(magic) + 127) << 23
+  const I biased = at::vec::cast<int32_t>(t) - I(0x4B400000 - 127);
+  const V scale = at::vec::cast<float>(biased << I(23));
+  return V::blendv(p * scale, V(0.0f), underflow);
 }
 
-inline __m512 exp16_nan(__m512 x) {  // NaN in, NaN out
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_mask_blend_ps(nan, exp16_nonpositive(x), x);
+// float64 is the test-oracle path: std::exp per lane (Vectorized<double>::exp() calls SLEEF, see above).
+inline Vectorized<double> exp_nonpositive(Vectorized<double> x) {
+  return x.map([](double v) { return std::exp(v); });
 }
-#endif
 
+// Horizontal sum / max of a vector's lanes (in lane order, so results are the same run to run).
+template <typename T>
+inline T lane_sum(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <typename T>
+inline T lane_max(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) m = lanes[i] > m ? lanes[i] : m;
+  return m;
+}
+
+}  // namespace CPU_CAPABILITY
 }  // namespace medattn
