@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 NILEARN ?= nilearn==0.14.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo bench test test-python test-triton test-cpp test-nvcc build setup clean
+.PHONY: demo bench test test-python test-isa test-triton test-cpp test-nvcc test-aarch64 build setup clean
 
 demo: build  ## the main job: train DIN on real MRI, fused vs reference
 	$(VENV)/bin/medattn demo --out demo_out
@@ -16,7 +16,7 @@ demo: build  ## the main job: train DIN on real MRI, fused vs reference
 bench: build  ## every op's benchmark table on this machine
 	$(PY) -m medattn_kernels.bench --out bench_results
 
-test: build test-python test-triton test-cpp test-nvcc  ## everything CI runs
+test: build test-python test-isa test-triton test-cpp test-nvcc test-aarch64  ## everything CI runs
 
 $(VENV)/.setup-done: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,19 @@ build: setup
 test-python: build
 	$(PY) -m pytest tests -m "not triton" -q -p no:cacheprovider
 
+# The C++ kernels are built for every CPU ISA (DEFAULT, AVX2, AVX512) and PyTorch's capability picks one
+# (csrc/include/medattn/dispatch.h). test-python runs the pass this CPU prefers; test-isa reruns the CPU
+# kernels' parity tests on every lower pass it supports (ATEN_CPU_CAPABILITY switches ATen and us together).
+ISA_TESTS := tests/test_isa.py tests/test_cross_attention.py tests/test_depthwise_conv2d.py \
+	tests/test_global_spatial_attention.py tests/test_sobel_boundary_loss.py tests/test_activated_batch_norm.py
+OTHER_ISAS = $(shell $(PY) -W ignore -m medattn_kernels.isa --others)
+
+test-isa: build
+	@for isa in $(OTHER_ISAS); do \
+	  echo "== CPU kernel parity tests on the $$isa pass (ATEN_CPU_CAPABILITY=$$isa)"; \
+	  ATEN_CPU_CAPABILITY=$$isa $(PY) -m pytest $(ISA_TESTS) -m "not triton" -q -p no:cacheprovider || exit 1; \
+	done
+
 # Triton kernels on CPU tensors: TRITON_INTERPRET must be set before triton is imported, hence a
 # separate pytest process.
 test-triton: build
@@ -43,11 +56,20 @@ test-cpp: setup
 	cmake -S . -B cmake-build -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > cmake-build.log
 	cmake --build cmake-build -j2 >> cmake-build.log
 	ctest --test-dir cmake-build --output-on-failure
+	@for isa in $(OTHER_ISAS); do \
+	  echo "== ctest on the $$isa pass"; \
+	  ATEN_CPU_CAPABILITY=$$isa ctest --test-dir cmake-build --output-on-failure || exit 1; \
+	done
+	bash tools/check_isa_objects.sh cmake-build
 
 # CUDA sources compile-only (no GPU here): a syntax or type error in a .cu file fails.
 test-nvcc: setup
 	@if command -v nvcc >/dev/null; then PYTHON=$(PY) bash tools/nvcc_check.sh; \
 	else echo "test-nvcc: skipped, nvcc not found"; fi
+
+# The portable (DEFAULT) pass must build for aarch64: compile-only with Debian's cross compiler.
+test-aarch64: setup
+	PYTHON=$(PY) bash tools/aarch64_syntax_check.sh
 
 clean:
 	rm -rf build cmake-build cmake-build.log medattn_kernels/_C*.so *.egg-info

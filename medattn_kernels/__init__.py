@@ -17,9 +17,12 @@ def info(print_table: bool = True):
     rows = info_rows()
     if print_table:
         import torch
+
+        from . import isa
         print(f"medattn_kernels {__version__}  torch {torch.__version__}  "
               f"extension: {'loaded' if _extension._C is not None else 'missing'}"
               f"{' (stale: rebuild)' if _extension.STALE else ''}")
+        print(f"  CPU kernels: ISA pass {isa.describe()}")
         width = max(len(r[0]) for r in rows) if rows else 10
         for op, backend, ok, detail in rows:
             print(f"  {op:<{width}}  {backend:<9}  {'yes' if ok else 'no ':<3}  {detail}")

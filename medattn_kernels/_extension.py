@@ -30,7 +30,7 @@ def _stale_sources() -> list[str]:
     built = os.path.getmtime(_C.__file__)
     csrc = _PACKAGE_DIR.parent / "csrc"
     # What _C is built from on a CPU build (csrc/tests belongs to the CMake build only).
-    sources = [str(csrc / "ops.cpp")] + glob.glob(str(csrc / "cpu" / "*.cpp")) + \
+    sources = [str(csrc / "ops.cpp"), str(csrc / "dispatch.cpp")] + glob.glob(str(csrc / "cpu" / "*.cpp")) + \
         glob.glob(str(csrc / "include" / "**" / "*.h"), recursive=True)
     newer = [p for p in sources if os.path.getmtime(p) > built]
     return sorted(os.path.relpath(p, csrc.parent) for p in newer)

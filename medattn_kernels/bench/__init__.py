@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-_NOT_OPS = {"harness", "cli", "__main__"}
+_NOT_OPS = {"harness", "cli", "chart", "__main__"}
 
 
 def op_modules() -> dict:

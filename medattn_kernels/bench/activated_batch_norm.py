@@ -1,12 +1,15 @@
 """Cases for activated_batch_norm at DIN's full- and half-resolution block shapes (demo widths):
 the op alone, and behind a conv3x3 as in a network block (there the composite keeps BN's input, the
-conv output, and the activation; the fused op keeps the activation only)."""
+conv output, and the activation; the fused op keeps the activation only). Against the eager built-ins
+(F.batch_norm + F.leaky_relu) and torch.compile of the reference. Memory-bound: the rate column of the op
+alone is the minimum traffic (forward: read x, write y; backward: read dy and y, write dx) over the time,
+against the machine's copy bandwidth."""
 import torch
 import torch.nn.functional as F
 
 from .. import activated_batch_norm, reference
 from ..testing import make_tensor
-from .harness import Candidate, Case
+from .harness import Candidate, Case, compiled
 
 
 def _params(channels, dtype, device):
@@ -27,6 +30,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
     fused = "triton" if device.startswith("cuda") else "cpu"
     out = []
     for shape in shapes:
+        tensor_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
         def make(shape=shape):
             weight, bias = _params(shape[1], dtype, device)
             return {"x": make_tensor(shape, dtype, device, requires_grad=True), "weight": weight, "bias": bias}
@@ -37,10 +42,13 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
                 Candidate("reference", lambda x, weight, bias: activated_batch_norm(
                     x, weight, bias, backend="reference")[0], "reference"),
                 Candidate("BatchNorm2d + LeakyReLU", _builtin, "builtin"),
+                Candidate("torch.compile(reference)", compiled(
+                    lambda x, weight, bias: reference.activated_batch_norm(x, weight, bias)[0]), "builtin"),
                 Candidate(f"medattn {fused}", lambda x, weight, bias: activated_batch_norm(
                     x, weight, bias, backend=fused)[0]),
             ],
-            reference64=lambda x, weight, bias: reference.activated_batch_norm(x, weight, bias)[0]))
+            reference64=lambda x, weight, bias: reference.activated_batch_norm(x, weight, bias)[0],
+            forward_bytes=2 * tensor_bytes, bytes=5 * tensor_bytes))
 
         def make_block(shape=shape):
             inputs = make(shape)
@@ -57,6 +65,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
             op="activated_batch_norm", shape=f"conv3x3 + {tuple(shape)}", make_inputs=make_block,
             candidates=[Candidate("reference", block("reference"), "reference"),
                         Candidate("BatchNorm2d + LeakyReLU", block("builtin"), "builtin"),
+                        Candidate("torch.compile(conv + reference)", compiled(block("reference")), "builtin"),
                         Candidate(f"medattn {fused}", block(fused))],
             reference64=block("reference")))
     return out

@@ -1,9 +1,13 @@
-"""Cases for global_spatial_attention: DIN stage-1 maps (8, 96, 56, 56), one input and the DIFM sum."""
+"""Cases for global_spatial_attention: DIN stage-1 maps (8, 96, 56, 56) and (8, 64, 112, 112), one input
+and the DIFM sum, against the eager composite (the reference: x * sigmoid(x.mean(1))) and its
+torch.compile (Inductor fuses the passes). Memory-bound: the rate column is the minimum traffic (forward:
+read x (and y), write the output; backward: read the output gradient and x (and y), write their
+gradients) over the time, against the machine's copy bandwidth."""
 import torch
 
 from .. import global_spatial_attention, reference
 from ..testing import make_tensor
-from .harness import Candidate, Case
+from .harness import Candidate, Case, compiled
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool):
@@ -16,12 +20,17 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
                 x = make_tensor(shape, dtype, device, requires_grad=True)
                 return {"x": x, "y": make_tensor(shape, dtype, device, requires_grad=True) if two else None}
 
+            n_in = 2 if two else 1
+            tensor_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            forward_bytes = (n_in + 1) * tensor_bytes
             out.append(Case(
                 op="global_spatial_attention", shape=f"{tuple(shape)}{' x+y' if two else ''}", make_inputs=make,
                 candidates=[
-                    Candidate("reference", lambda x, y: global_spatial_attention(x, y, backend="reference"),
+                    Candidate("reference (eager)", lambda x, y: global_spatial_attention(x, y, backend="reference"),
                               "reference"),
+                    Candidate("torch.compile(reference)", compiled(reference.global_spatial_attention), "builtin"),
                     Candidate(f"medattn {fused}", lambda x, y: global_spatial_attention(x, y, backend=fused)),
                 ],
-                reference64=reference.global_spatial_attention))
+                reference64=reference.global_spatial_attention,
+                forward_bytes=forward_bytes, bytes=forward_bytes + (1 + 2 * n_in) * tensor_bytes))
     return out

@@ -1,10 +1,17 @@
 """The one benchmark harness: every op's cases (medattn_kernels/bench/<op>.py) are timed, measured and
 tabulated here, by the CLI (`python -m medattn_kernels.bench`) and by pytest-benchmark (benchmarks/).
 
-Per candidate: forward ms (under no_grad), forward+backward ms, speed-ups against the reference and the
-best PyTorch built-in measured in the same run, MiB kept for backward (saved_tensors_hooks, inputs'
-storages excluded) and the relative error against the float64 reference. Times are medians after
-warm-up; on a GPU they are CUDA-event times.
+Per candidate: forward ms (under no_grad), forward+backward ms, speed-ups against the reference and against
+the *best* PyTorch path of the case (the fastest of its "builtin" and "reference" candidates: SDPA on
+contiguous inputs, F.conv2d in NCHW and channels_last, torch.compile of the reference, the eager built-ins
+and the reference itself), MiB kept for
+backward (saved_tensors_hooks, inputs' storages excluded), the relative error against the float64
+reference, and the achieved rate against the machine's own peak measured in the same run (sgemm GFLOP/s
+for compute-bound cases, copy GB/s for memory-bound ones).
+
+Timing: the candidates of a case run interleaved, round-robin (A B C A B C ...), after warm-up, and each
+reports its median, so that drifts in machine load hit every candidate alike. On a GPU the times are CUDA
+events.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from ..testing import rel_error, saved_tensor_bytes
 class Candidate:
     label: str  # shown in the table, e.g. "medattn cpu", "reference", "2x F.sdpa"
     fn: Callable[..., Any]  # fn(**inputs) -> tensor or tuple of tensors
-    kind: str = "fused"  # "fused" | "reference" | "builtin"
+    kind: str = "fused"  # "fused" | "reference" | "builtin" (a PyTorch path a user has)
 
 
 @dataclass
@@ -37,8 +44,10 @@ class Case:
     make_inputs: Callable[[], Dict[str, Any]]  # fresh inputs; differentiable ones require grad
     candidates: List[Candidate]
     reference64: Optional[Callable[..., Any]] = None  # float64 oracle for the error column
-    flops: Optional[float] = None  # forward+backward flop count, for GFLOP/s
+    flops: Optional[float] = None  # forward+backward flop count, for GFLOP/s (compute-bound cases)
     forward_flops: Optional[float] = None
+    bytes: Optional[float] = None  # forward+backward minimum bytes moved, for GB/s (memory-bound cases)
+    forward_bytes: Optional[float] = None
     backward: bool = True
 
 
@@ -55,11 +64,17 @@ class Result:
     saved_mib: float
     max_rel_err: float
     vs_reference: float = math.nan  # reference fwd+bwd time / this fwd+bwd time
-    vs_builtin: float = math.nan
+    vs_builtin: float = math.nan  # best builtin fwd+bwd time / this fwd+bwd time
     fwd_vs_reference: float = math.nan
     fwd_vs_builtin: float = math.nan
+    best_builtin: str = ""  # label of the fastest builtin candidate (fwd+bwd; forward if no backward)
     gflops: float = math.nan  # forward+backward
     fwd_gflops: float = math.nan
+    gbps: float = math.nan  # forward+backward, minimum bytes / time
+    fwd_gbps: float = math.nan
+    pct_peak: float = math.nan  # fwd+bwd rate as % of the machine's sgemm GFLOP/s or copy GB/s
+    fwd_pct_peak: float = math.nan
+    error: str = ""  # why a candidate could not run (e.g. torch.compile failed)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,29 +83,40 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], Any], device: str, warmup: int = 1, reps: int = 7, budget_s: float = 3.0) -> float:
-    """Median wall time of fn() in ms after `warmup` calls; stops early (at >= 3 reps) once `budget_s`
-    is spent so that slow references stay affordable."""
-    for _ in range(warmup):
+def _timed_call(fn: Callable[[], Any], device: str) -> float:
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: Dict[str, Callable[[], Any]], device: str, warmup: int = 1, reps: int = 7,
+                     budget_s: float = 3.0) -> Dict[str, float]:
+    """Median ms of each fn, the fns called round-robin after `warmup` calls each. Stops early (at >= 3
+    rounds) once the rounds took `budget_s` per fn, so that slow references stay affordable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: Dict[str, List[float]] = {k: [] for k in fns}
     start_all = time.perf_counter()
     for i in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if i >= 2 and time.perf_counter() - start_all > budget_s:
+        for key, fn in fns.items():
+            times[key].append(_timed_call(fn, device))
+        if i >= 2 and time.perf_counter() - start_all > budget_s * len(fns):
             break
-    return statistics.median(times)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_ms(fn: Callable[[], Any], device: str, warmup: int = 1, reps: int = 7, budget_s: float = 3.0) -> float:
+    """Median wall time of one fn (time_interleaved of one)."""
+    return time_interleaved({"fn": fn}, device, warmup, reps, budget_s)["fn"]
 
 
 def _as_tuple(out) -> tuple:
@@ -127,43 +153,120 @@ def _to64(inputs: Dict[str, Any]) -> Dict[str, Any]:
             for k, v in inputs.items()}
 
 
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile (Inductor) of a baseline, a fresh compiled object per call so that cases do not
+    share guards. Compiled at its first (warm-up) call."""
+    return torch.compile(fn, dynamic=False)
+
+
 def run_case(case: Case, device: str, dtype: torch.dtype, reps: int = 7, warmup: int = 1,
-             budget_s: float = 3.0) -> List[Result]:
+             budget_s: float = 3.0, machine: Optional["MachinePeak"] = None) -> List[Result]:
     inputs = case.make_inputs()
     ref_out = None
     if case.reference64 is not None:
         with torch.no_grad():
             ref_out = _as_tuple(case.reference64(**_to64(inputs)))
-    results = []
+    results: Dict[str, Result] = {}
+    runnable: List[Candidate] = []
     for cand in case.candidates:
-        with torch.no_grad():
-            out = _as_tuple(cand.fn(**inputs))
-        err = math.nan
+        r = Result(case.op, case.shape, cand.label, cand.kind, device, str(dtype).replace("torch.", ""),
+                   math.nan, math.nan, math.nan, math.nan)
+        results[cand.label] = r
+        try:  # first call: compiles torch.compile candidates, checks the others can run at all
+            with torch.no_grad():
+                out = _as_tuple(cand.fn(**inputs))
+        except Exception as exc:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
+            r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            continue
         if ref_out is not None:
-            err = max(rel_error(o, r) for o, r in zip(out, ref_out))
+            r.max_rel_err = max(rel_error(o, ref) for o, ref in zip(out, ref_out))
         del out
-        fwd = time_ms(forward_callable(cand, inputs), device, warmup, reps, budget_s)
-        fwd_bwd, saved = math.nan, math.nan
-        if case.backward and _differentiable(inputs):
-            fwd_bwd = time_ms(forward_backward_callable(cand, inputs), device, warmup, reps, budget_s)
-            saved = saved_tensor_bytes(lambda kw: cand.fn(**kw), inputs) / 2 ** 20
-        results.append(Result(case.op, case.shape, cand.label, cand.kind, device, str(dtype).replace("torch.", ""),
-                              fwd, fwd_bwd, saved, err))
-    by_kind = {r.kind: r for r in results}
+        runnable.append(cand)
+    fwd = time_interleaved({c.label: forward_callable(c, inputs) for c in runnable}, device, warmup, reps, budget_s)
+    for label, ms in fwd.items():
+        results[label].fwd_ms = ms
+    if case.backward and _differentiable(inputs):
+        fwd_bwd_fns = {}
+        for c in runnable:
+            try:
+                fwd_bwd_fns[c.label] = forward_backward_callable(c, inputs)
+            except Exception as exc:  # noqa: BLE001
+                results[c.label].error = f"backward: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        for label, ms in time_interleaved(fwd_bwd_fns, device, warmup, reps, budget_s).items():
+            results[label].fwd_bwd_ms = ms
+        for c in runnable:
+            if c.label in fwd_bwd_fns:
+                results[c.label].saved_mib = saved_tensor_bytes(lambda kw: c.fn(**kw), inputs) / 2 ** 20
+    _derive(case, list(results.values()), machine)
+    return list(results.values())
+
+
+def _ratio(base: float, this: float) -> float:
+    return base / this if base == base and this == this and this > 0 else math.nan
+
+
+def _derive(case: Case, results: List[Result], machine: Optional["MachinePeak"]) -> None:
+    """Speed-ups against the reference and the best builtin, rates and % of the machine's peak."""
+    reference = next((r for r in results if r.kind == "reference"), None)
+    # the PyTorch paths a user has: the built-ins and the pure-PyTorch reference itself
+    builtins = [r for r in results if r.kind in ("builtin", "reference") and not r.error]
+    timed_key = "fwd_bwd_ms" if any(r.fwd_bwd_ms == r.fwd_bwd_ms for r in builtins) else "fwd_ms"
+    best = min((r for r in builtins if getattr(r, timed_key) == getattr(r, timed_key)),
+               key=lambda r: getattr(r, timed_key), default=None)
+    best_fwd = min((r for r in builtins if r.fwd_ms == r.fwd_ms), key=lambda r: r.fwd_ms, default=None)
     for r in results:
-        for kind, attr in (("reference", "vs_reference"), ("builtin", "vs_builtin")):
-            base = by_kind.get(kind)
-            if base is not None:
-                setattr(r, attr, base.fwd_bwd_ms / r.fwd_bwd_ms)
-                setattr(r, "fwd_" + attr, base.fwd_ms / r.fwd_ms)
+        if reference is not None:
+            r.vs_reference = _ratio(reference.fwd_bwd_ms, r.fwd_bwd_ms)
+            r.fwd_vs_reference = _ratio(reference.fwd_ms, r.fwd_ms)
+        if best is not None:
+            r.vs_builtin = _ratio(best.fwd_bwd_ms, r.fwd_bwd_ms)
+            r.best_builtin = best.backend
+        if best_fwd is not None:
+            r.fwd_vs_builtin = _ratio(best_fwd.fwd_ms, r.fwd_ms)
         if case.flops:
             r.gflops = case.flops / (r.fwd_bwd_ms * 1e6)
         if case.forward_flops:
             r.fwd_gflops = case.forward_flops / (r.fwd_ms * 1e6)
-    return results
+        if case.bytes:
+            r.gbps = case.bytes / (r.fwd_bwd_ms * 1e6)
+        if case.forward_bytes:
+            r.fwd_gbps = case.forward_bytes / (r.fwd_ms * 1e6)
+        if machine is not None:
+            if case.flops or case.forward_flops:
+                r.pct_peak = 100 * r.gflops / machine.gflops
+                r.fwd_pct_peak = 100 * r.fwd_gflops / machine.gflops
+            elif case.bytes or case.forward_bytes:
+                r.pct_peak = 100 * r.gbps / machine.copy_gbps
+                r.fwd_pct_peak = 100 * r.fwd_gbps / machine.copy_gbps
+
+
+# --------------------------------------------------------------------------------------------- machine
+@dataclass
+class MachinePeak:
+    """What this machine does at best, measured in the benchmark's own process: the rates the table's
+    "% peak" column is relative to."""
+    description: str  # CPU model / GPU name, ISA pass, threads
+    gflops: float  # fp32 GEMM (MKL sgemm on CPU, cuBLAS on GPU), 2048^3
+    copy_gbps: float  # bytes read + written per second by a 64 MiB tensor copy
+
+    def line(self) -> str:
+        return (f"machine: {self.description}; measured peaks: sgemm {self.gflops:.0f} GFLOP/s, "
+                f"copy {self.copy_gbps:.1f} GB/s (read + write)")
+
+
+def measure_machine(device: str, dtype: torch.dtype = torch.float32) -> MachinePeak:
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=torch.float32)
+    b = torch.randn(n, n, device=device, dtype=torch.float32)
+    gemm_ms = time_ms(lambda: torch.mm(a, b), device, warmup=2, reps=7, budget_s=2.0)
+    src = torch.randn(16 * 2 ** 20, device=device)  # 64 MiB: well past the last-level cache
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, warmup=2, reps=11, budget_s=2.0)
+    return MachinePeak(device_name(device), 2.0 * n ** 3 / (gemm_ms * 1e6), 2 * src.nbytes / (copy_ms * 1e6))
 
 
 def device_name(device: str) -> str:
+    """The machine in words: GPU name, or CPU model, the ISA pass of the C++ kernels and the thread count."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     model = platform.processor() or "CPU"
@@ -172,19 +275,40 @@ def device_name(device: str) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    from .. import isa
+    return f"{model}, ISA pass {isa.cpu_isa() or 'n/a (no _C)'}, {torch.get_num_threads()} threads"
 
 
+# --------------------------------------------------------------------------------------------- output
 def _fmt(v: float, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _rate(r: Result) -> str:
+    if r.gflops == r.gflops:
+        return f"{r.gflops:.1f} GFLOP/s"
+    if r.gbps == r.gbps:
+        return f"{r.gbps:.1f} GB/s"
+    if r.fwd_gflops == r.fwd_gflops:
+        return f"fwd {r.fwd_gflops:.1f} GFLOP/s"
+    if r.fwd_gbps == r.fwd_gbps:
+        return f"fwd {r.fwd_gbps:.1f} GB/s"
+    return "-"
+
+
 def format_table(results: List[Result]) -> str:
-    header = ["op", "shape", "backend", "fwd ms", "fwd+bwd ms", "x ref", "x builtin", "fwd x ref",
-              "fwd x builtin", "MiB saved", "rel err", "GFLOP/s"]
-    rows = [[r.op, r.shape, r.backend, _fmt(r.fwd_ms, ".2f"), _fmt(r.fwd_bwd_ms, ".2f"), _fmt(r.vs_reference, ".2f"),
-             _fmt(r.vs_builtin, ".2f"), _fmt(r.fwd_vs_reference, ".2f"), _fmt(r.fwd_vs_builtin, ".2f"),
-             _fmt(r.saved_mib, ".2f"), _fmt(r.max_rel_err, ".1e"), _fmt(r.gflops, ".1f")] for r in results]
+    header = ["op", "shape", "backend", "fwd ms", "fwd+bwd ms", "x ref", "x best builtin", "fwd x ref",
+              "fwd x best builtin", "MiB kept", "rel err", "rate", "% peak"]
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([r.op, r.shape, r.backend] + ["-"] * 9 + [f"not run: {r.error}"])
+            continue
+        pct = r.pct_peak if r.pct_peak == r.pct_peak else r.fwd_pct_peak
+        rows.append([r.op, r.shape, r.backend, _fmt(r.fwd_ms, ".2f"), _fmt(r.fwd_bwd_ms, ".2f"),
+                     _fmt(r.vs_reference, ".2f"), _fmt(r.vs_builtin, ".2f"), _fmt(r.fwd_vs_reference, ".2f"),
+                     _fmt(r.fwd_vs_builtin, ".2f"), _fmt(r.saved_mib, ".2f"), _fmt(r.max_rel_err, ".1e"),
+                     _rate(r), _fmt(pct, ".0f")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

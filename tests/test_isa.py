@@ -1,0 +1,58 @@
+"""Runtime ISA dispatch of the C++ kernels (csrc/include/medattn/dispatch.h, medattn_kernels/isa.py).
+
+The parity tests of every op run once per ISA pass this CPU supports (`make test-isa` reruns them with
+ATEN_CPU_CAPABILITY=default / avx2); these tests check that the switch selects what it says."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medattn_kernels as mk
+from medattn_kernels import isa
+
+pytestmark = pytest.mark.skipif(mk._extension._C is None, reason="needs the compiled extension medattn_kernels._C")
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def test_pass_in_use_is_pytorchs_capability():
+    torch_cap = torch.backends.cpu.get_cpu_capability()
+    expected = torch_cap if torch_cap in isa.ISAS else "DEFAULT"
+    assert isa.cpu_isa() == expected
+    requested = os.environ.get(isa.CAPABILITY_ENV)
+    if requested:  # a per-pass rerun: make sure the pass under test is the one asked for
+        assert isa.cpu_isa() == requested.upper()
+
+
+def test_every_pass_is_built():
+    assert isa.compiled_isas() == (list(isa.ISAS) if X86 else ["DEFAULT"])
+
+
+def _isa_in_subprocess(capability: str) -> str:
+    env = dict(os.environ, **{isa.CAPABILITY_ENV: capability})
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c",
+                          "import medattn_kernels as mk; print(mk.isa.cpu_isa())"],
+                         env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_environment_variable_lowers_the_pass():
+    for capability in isa.supported_isas():
+        assert _isa_in_subprocess(capability.lower()) == capability
+
+
+def test_info_names_the_pass(capsys):
+    mk.info()
+    assert f"ISA pass {isa.cpu_isa()}" in capsys.readouterr().out
+
+
+def test_kernel_runs_on_this_pass():
+    # A kernel that reaches the ISA-specific code (vector body and scalar tail): depthwise conv 7x7.
+    x = torch.randn(2, 5, 13, 37, dtype=torch.float64)
+    w = torch.randn(5, 1, 7, 7, dtype=torch.float64)
+    out = mk.depthwise_conv2d(x, w, backend="cpu")
+    ref = torch.nn.functional.conv2d(x, w, padding=3, groups=5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
