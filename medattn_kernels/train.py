@@ -83,6 +83,14 @@ def batch_indices(generator: torch.Generator, n: int, batch_size: int, rank: int
     return idx[rank * batch_size:(rank + 1) * batch_size]
 
 
+def draw_batch(generator: torch.Generator, data: MRISlices, batch_size: int, device, rank: int = 0,
+               world: int = 1) -> dict:
+    """The next training batch of `fit`: slice indices and left-right flips drawn from `generator`."""
+    index = batch_indices(generator, len(data), batch_size, rank, world)
+    flips = torch.rand(batch_size * world, generator=generator)[rank * batch_size:(rank + 1) * batch_size] < 0.5
+    return make_batch(data, index, device, flips=flips)
+
+
 def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
 
@@ -137,9 +145,7 @@ def fit(model: torch.nn.Module, data: MRISlices, steps: int, batch_size: int, lr
         from tqdm import tqdm
         bar = iterator = tqdm(iterator, desc=desc, unit="step", dynamic_ncols=True, file=sys.stdout)
     for _ in iterator:
-        index = batch_indices(gen, len(data), batch_size, rank, world)
-        flips = torch.rand(batch_size * world, generator=gen)[rank * batch_size:(rank + 1) * batch_size] < 0.5
-        batch = make_batch(data, index, device, flips=flips)
+        batch = draw_batch(gen, data, batch_size, device, rank, world)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -1,9 +1,12 @@
 """One network's training step, fused ops vs references, same weights and batch, in one process:
-median step time (forward + loss + backward + Adam), activations kept for backward, and (optionally)
-the peak RSS of a step in a fresh process. `python benchmarks/bench_training_step.py --help`."""
+median step time (forward + loss + backward + Adam; the variants' steps interleaved), activations kept
+for backward, and (optionally) the peak RSS of a step in a fresh process. Variants: fused; the references
+with PyTorch's SDPA attention (networks with attention); the references as written.
+`python benchmarks/bench_training_step.py --help`."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -11,8 +14,20 @@ from typing import Dict, Optional
 
 import torch
 
-from ..models import build_model
+from ..models import NETWORKS, build_model
 from ..train import DEFAULT_MODEL_KWARGS, Trainer, kept_for_backward, measure_step_isolated
+
+
+def variants(network: str) -> Dict[str, dict]:
+    """{name: build_model kwargs} of the variants compared: the fused ops; the references with the
+    attention through PyTorch's F.scaled_dot_product_attention on contiguous q/k/v (the best a PyTorch
+    user has; networks with attention only); the references as written (naive attention)."""
+    out = {"fused": {"fused": True}}
+    key = network.lower().replace("_", "-")
+    if "sdpa_attention" in inspect.signature(NETWORKS[key]).parameters:
+        out["reference+sdpa"] = {"fused": False, "sdpa_attention": True}
+    out["reference"] = {"fused": False}
+    return out
 
 
 def compare(network: str = "din", size: int = 224, batch_size: int = 8, model_kwargs: Optional[dict] = None,
@@ -25,12 +40,13 @@ def compare(network: str = "din", size: int = 224, batch_size: int = 8, model_kw
              "label": torch.randint(0, 3, (batch_size, size, size), generator=gen)}
     batch = {k: v.to(device) for k, v in batch.items()}
     torch.manual_seed(seed)
-    models = {"fused": build_model(network, fused=True, **kwargs).to(device)}
-    models["reference"] = build_model(network, fused=False, **kwargs).to(device)
-    models["reference"].load_state_dict(models["fused"].state_dict())
+    models = {name: build_model(network, **variant, **kwargs).to(device) for name, variant in variants(network).items()}
+    for name, model in models.items():  # same weights everywhere
+        if name != "fused":
+            model.load_state_dict(models["fused"].state_dict())
     trainers = {name: Trainer(m, steps=1000) for name, m in models.items()}
     times = {name: [] for name in models}
-    for i in range(warmup + steps):  # interleaved, so that machine load drifts hit both alike
+    for i in range(warmup + steps):  # interleaved, so that machine load drifts hit every variant alike
         for name, trainer in trainers.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -44,24 +60,29 @@ def compare(network: str = "din", size: int = 224, batch_size: int = 8, model_kw
     for name, model in models.items():
         out[name] = {"step_s": statistics.median(times[name]), "step_times": times[name],
                      "saved_bytes": kept_for_backward(model, batch)}
-        log(f"{name:>9}: step {out[name]['step_s'] * 1e3:.0f} ms (all: "
+        log(f"{name:>15}: step {out[name]['step_s'] * 1e3:.0f} ms (all: "
             f"{', '.join(f'{t * 1e3:.0f}' for t in times[name])}), kept for backward "
             f"{out[name]['saved_bytes'] / 2**20:.1f} MiB")
+    names = list(models)
     del models, trainers
     if isolated_peak:
-        for name in ("fused", "reference"):
-            r = measure_step_isolated(network, name == "fused", size, batch_size, device, kwargs, seed)
+        for name, variant in variants(network).items():
+            r = measure_step_isolated(network, variant["fused"], size, batch_size, device,
+                                      dict(kwargs, **{k: v for k, v in variant.items() if k != "fused"}), seed)
             out[name]["peak_total_bytes"] = r.get("peak_total_bytes")
             out[name]["peak_step_bytes"] = r.get("peak_bytes")
-            log(f"{name:>9}: fresh-process step peak RSS {r.get('peak_total_bytes', 0) / 2**20:.0f} MiB "
+            log(f"{name:>15}: fresh-process step peak RSS {r.get('peak_total_bytes', 0) / 2**20:.0f} MiB "
                 f"(rise over the pre-step RSS {r.get('peak_bytes', 0) / 2**20:.0f} MiB)")
-    f, r = out["fused"], out["reference"]
-    out["ratios"] = {"speedup": r["step_s"] / f["step_s"], "saved": r["saved_bytes"] / max(f["saved_bytes"], 1)}
-    if isolated_peak and f.get("peak_step_bytes") and r.get("peak_step_bytes"):
-        out["ratios"]["peak_step"] = r["peak_step_bytes"] / f["peak_step_bytes"]
-    log(f"reference / fused: step time {out['ratios']['speedup']:.2f}x, kept for backward "
-        f"{out['ratios']['saved']:.2f}x" + (f", step peak {out['ratios']['peak_step']:.2f}x"
-                                             if "peak_step" in out["ratios"] else ""))
+    f = out["fused"]
+    out["ratios"] = {}
+    for name in names[1:]:
+        r = out[name]
+        ratios = {"speedup": r["step_s"] / f["step_s"], "saved": r["saved_bytes"] / max(f["saved_bytes"], 1)}
+        if isolated_peak and f.get("peak_step_bytes") and r.get("peak_step_bytes"):
+            ratios["peak_step"] = r["peak_step_bytes"] / f["peak_step_bytes"]
+        out["ratios"][name] = ratios
+        log(f"{name} / fused: step time {ratios['speedup']:.2f}x, kept for backward {ratios['saved']:.2f}x"
+            + (f", step peak {ratios['peak_step']:.2f}x" if "peak_step" in ratios else ""))
     return out
 
 

@@ -43,18 +43,21 @@ class _Encoder(nn.Module):
 
 
 class CrossModalSADNet(SegmentationModel):
-    """forward(*modalities) -> {"logits", "attention_maps": per stage a [M, B, H*W] tensor}."""
+    """forward(*modalities) -> {"logits", "attention_maps": per stage a [M, B, H*W] tensor}. sdpa_attention (with
+    fused=False): the fusion attention through PyTorch's F.scaled_dot_product_attention instead of the naive
+    reference (the benchmarks' third variant)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, modalities: int = 2, stem_width: int = 16,
                  widths: Sequence[int] = (24, 32, 48, 64), heads: int = 1, distill_weight: float = 1.0,
-                 fused: bool = True):
+                 fused: bool = True, sdpa_attention: bool = False):
         super().__init__()
         widths = tuple(widths)
         if modalities < 2:
             raise ValueError(f"modalities: expected at least 2, got {modalities}")
         self.fused, self.modalities, self.distill_weight = fused, modalities, distill_weight
         self.encoders = nn.ModuleList(_Encoder(in_channels, stem_width, widths) for _ in range(modalities))
-        self.fusions = nn.ModuleList(CrossImageAttention(c, heads=heads, fused=fused) for c in widths[1:])
+        self.fusions = nn.ModuleList(CrossImageAttention(c, heads=heads, fused=fused, sdpa=sdpa_attention)
+                                     for c in widths[1:])
         ups, cin = [], widths[-1]
         for c in reversed((stem_width,) + widths[:-1]):
             ups.append(UpBlock(cin, c, c))

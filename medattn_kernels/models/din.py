@@ -70,11 +70,13 @@ class DIN(SegmentationModel):
             scale |weight| + eps), which keeps one activation per block for backward instead of two
             when fused (True, the default); False: conv -> BatchNorm2d -> ReLU in both variants.
         fused: medattn fused ops (True) or the pure-PyTorch references (False), same parameters.
+        sdpa_attention: with fused=False, the DIFM attentions through PyTorch's F.scaled_dot_product_attention
+            on contiguous q/k/v instead of the naive reference (the benchmarks' third variant).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, widths: Sequence[int] = (32, 48, 64, 96),
                  stem_width: int = 16, depth: int = 1, heads: int = 1, fused: bool = True,
-                 boundary_scales: Sequence[int] = (1, 2, 4), activated_bn: bool = True):
+                 boundary_scales: Sequence[int] = (1, 2, 4), activated_bn: bool = True, sdpa_attention: bool = False):
         super().__init__()
         widths = tuple(widths)
         self.fused = fused
@@ -84,7 +86,8 @@ class DIN(SegmentationModel):
         lows = (stem_width,) + widths[:-1]
         self.merge_orig = nn.ModuleList(LowHighMerge(lo, hi, **blk) for lo, hi in zip(lows, widths))
         self.merge_enh = nn.ModuleList(LowHighMerge(lo, hi, **blk) for lo, hi in zip(lows, widths))
-        self.difm = nn.ModuleList(DualInteractiveFusion(c, heads=heads, fused=fused) for c in widths)
+        self.difm = nn.ModuleList(DualInteractiveFusion(c, heads=heads, fused=fused, sdpa=sdpa_attention)
+                                  for c in widths)
         self.skip_full = ConvBNAct(2 * stem_width, stem_width, kernel_size=1, **blk)
         self.skip_half = ConvBNAct(2 * stem_width, stem_width, kernel_size=1, **blk)
         ups, cin = [], widths[-1]

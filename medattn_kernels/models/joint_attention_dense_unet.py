@@ -36,10 +36,11 @@ class DenseBlock(nn.Module):
 
 class JointAttentionDenseUNet(SegmentationModel):
     """forward(image) -> {"logits"}. levels: down-sampling steps; growth, layers: dense block shape;
-    heads: joint attention heads at the bottleneck."""
+    heads: joint attention heads at the bottleneck. sdpa_attention (with fused=False): the attention through
+    PyTorch's F.scaled_dot_product_attention instead of the naive reference (the benchmarks' third variant)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, stem_width: int = 16, growth: int = 8,
-                 layers: int = 3, levels: int = 3, heads: int = 1, fused: bool = True):
+                 layers: int = 3, levels: int = 3, heads: int = 1, fused: bool = True, sdpa_attention: bool = False):
         super().__init__()
         self.fused = fused
         self.stem = ConvBNAct(in_channels, stem_width)
@@ -55,7 +56,7 @@ class JointAttentionDenseUNet(SegmentationModel):
         c = self.bottleneck.out_channels
         if c % heads:
             raise ValueError(f"heads: the bottleneck width {c} must be divisible by heads={heads}")
-        self.attention = JointAttention(c, heads=heads, fused=fused)
+        self.attention = JointAttention(c, heads=heads, fused=fused, sdpa=sdpa_attention)
         self.up_blocks, self.up_convs = nn.ModuleList(), nn.ModuleList()
         for skip_c in reversed(skips):
             self.up_convs.append(nn.Conv2d(c, skip_c // 2, 1, bias=False))
