@@ -1,6 +1,8 @@
 """The five reference networks: with the same weights and inputs, fused=True (medattn kernels) and
 fused=False (pure-PyTorch references) give the same outputs, loss and parameter gradients (float64);
 plus shapes, the demo interface and MS-LKSeg's reparameterisation."""
+import inspect
+
 import pytest
 import torch
 
@@ -75,6 +77,31 @@ def test_fused_matches_reference(name):
     for key, g_f, g_r in zip(named_f, grads_f, grads_r):
         err = (g_f - g_r).abs().max().item() / max(g_r.abs().max().item(), 1e-6 * scale)
         assert err <= TOLERANCES[torch.float64], f"{name}: grad of {key}: relative error {err:.3e}"
+
+
+SDPA_NETWORKS = [n for n in sorted(NETWORKS) if "sdpa_attention" in inspect.signature(NETWORKS[n]).parameters]
+
+
+@pytest.mark.parametrize("name", SDPA_NETWORKS)
+def test_sdpa_variant_matches_reference(name):
+    """The benchmarks' third variant (references with PyTorch's SDPA attention) computes the same network."""
+    _, ref = twin_models(name)
+    sdpa = build_model(name, fused=False, sdpa_attention=True, **CONFIGS[name]).double()
+    sdpa.load_state_dict(ref.state_dict())
+    batch = make_batch(SIZE[name])
+    loss_s, out_s = sdpa.training_loss(batch)
+    loss_r, out_r = ref.training_loss(batch)
+    assert_close_to_reference(out_s["logits"], out_r["logits"], torch.float64, f"{name} sdpa logits")
+    loss_s.backward()
+    loss_r.backward()
+    grads_s = torch.cat([p.grad.flatten() for p in sdpa.parameters()])
+    grads_r = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert_close_to_reference(grads_s, grads_r, torch.float64, f"{name} sdpa gradients")
+
+
+def test_sdpa_variant_needs_the_unfused_model():
+    with pytest.raises(ValueError, match="sdpa: expected False with fused=True"):
+        build_model("din", fused=True, sdpa_attention=True, **CONFIGS["din"])
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))

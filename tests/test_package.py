@@ -81,11 +81,16 @@ def test_bench_cli_writes_table_json_csv(tmp_path):
     data = json.loads((tmp_path / "global_spatial_attention_cpu_float32.json").read_text())
     rows = data["results"]
     backends = {r["backend"] for r in rows}
-    assert {"reference", "medattn cpu"} <= backends
+    assert {"reference (eager)", "torch.compile(reference)", "medattn cpu"} <= backends
+    assert data["meta"]["peak_sgemm_gflops"] > 0 and data["meta"]["peak_copy_gbps"] > 0
+    assert "ISA pass" in data["meta"]["device"]
     for r in rows:
+        assert not r["error"], r["error"]
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["max_rel_err"] < 1e-5
+        assert r["gbps"] > 0 and r["pct_peak"] > 0
         if r["backend"] == "medattn cpu":
-            assert r["saved_mib"] == 0.0 and r["vs_reference"] > 0
+            assert r["saved_mib"] == 0.0 and r["vs_reference"] > 0 and r["vs_builtin"] > 0
+            assert r["best_builtin"] in ("reference (eager)", "torch.compile(reference)")
     assert (tmp_path / "global_spatial_attention_cpu_float32.csv").read_text().startswith("op,shape,backend")
 
 

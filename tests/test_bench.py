@@ -1,0 +1,76 @@
+"""The benchmark harness's own logic (medattn_kernels/bench): interleaved timing, the best-PyTorch-path
+ratios, the speed-up chart, the training-step variants. (Speed itself is measured by benchmarks, never
+asserted by tests.)"""
+import json
+import math
+
+import pytest
+import torch
+
+from medattn_kernels.bench import harness
+from medattn_kernels.bench.harness import Candidate, Case, Result
+
+
+def test_time_interleaved_runs_candidates_round_robin():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = harness.time_interleaved(fns, "cpu", warmup=1, reps=4, budget_s=100.0)
+    assert set(medians) == set("abc")
+    assert calls[:3] == list("abc")  # warm-up: one call each
+    assert calls[3:] == list("abc") * 4  # timed rounds, interleaved
+
+
+def _result(backend, kind, fwd, fwd_bwd):
+    return Result("op", "shape", backend, kind, "cpu", "float32", fwd, fwd_bwd, 0.0, 0.0)
+
+
+def test_ratios_are_against_the_fastest_pytorch_path():
+    results = [_result("reference", "reference", 40.0, 100.0), _result("builtin slow", "builtin", 10.0, 80.0),
+               _result("builtin fast", "builtin", 20.0, 50.0), _result("medattn cpu", "fused", 5.0, 25.0)]
+    case = Case("op", "shape", dict, [], flops=1e9, forward_flops=2e8)
+    machine = harness.MachinePeak("test machine", gflops=100.0, copy_gbps=10.0)
+    harness._derive(case, results, machine)
+    fused = results[-1]
+    assert fused.best_builtin == "builtin fast"
+    assert fused.vs_builtin == pytest.approx(2.0)  # 50 / 25
+    assert fused.fwd_vs_builtin == pytest.approx(2.0)  # fastest forward: 10 / 5
+    assert fused.vs_reference == pytest.approx(4.0)
+    assert fused.gflops == pytest.approx(40.0) and fused.pct_peak == pytest.approx(40.0)
+    assert math.isnan(fused.gbps)
+
+
+def test_a_failing_baseline_is_reported_not_fatal():
+    def broken(x):
+        raise RuntimeError("no kernel for this")
+
+    case = Case("op", "shape", lambda: {"x": torch.randn(8, requires_grad=True)},
+                [Candidate("broken", broken, "builtin"), Candidate("ok", lambda x: x * 2, "fused")],
+                forward_bytes=64, bytes=128)
+    results = {r.backend: r for r in harness.run_case(case, "cpu", torch.float32, reps=3, budget_s=0.1)}
+    assert "RuntimeError" in results["broken"].error and math.isnan(results["broken"].fwd_ms)
+    assert not results["ok"].error and results["ok"].fwd_ms > 0 and results["ok"].fwd_bwd_ms > 0
+    assert "not run: RuntimeError" in harness.format_table(list(results.values()))
+
+
+def test_speedup_chart_draws_every_pass(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (demo extra) draws the chart")
+    from medattn_kernels.bench.chart import _speedups, speedup_chart
+    dirs = {}
+    for isa, ratio in (("avx512", 2.0), ("avx2", 1.5)):
+        d = tmp_path / isa
+        d.mkdir()
+        rows = [{"op": "depthwise_conv2d", "shape": "k7", "backend": "medattn cpu NCHW", "kind": "fused",
+                 "vs_builtin": ratio, "fwd_vs_builtin": 1.0, "error": ""},
+                {"op": "depthwise_conv2d", "shape": "k7", "backend": "F.conv2d NCHW", "kind": "builtin",
+                 "vs_builtin": 1.0, "fwd_vs_builtin": 1.0, "error": ""}]
+        (d / "depthwise_conv2d_cpu_float32.json").write_text(json.dumps({"meta": {"device": "cpu"}, "results": rows}))
+        dirs[isa] = str(d)
+    assert _speedups(dirs["avx2"])[0] == {"depthwise_conv2d: k7 [cpu NCHW]": 1.5}
+    path = speedup_chart(dirs, str(tmp_path / "speedup.png"))
+    assert (tmp_path / "speedup.png").stat().st_size > 1000 and path.endswith("speedup.png")
+
+
+def test_training_step_variants():
+    from medattn_kernels.bench.training_step import variants
+    assert list(variants("din")) == ["fused", "reference+sdpa", "reference"]
+    assert list(variants("mslkseg")) == ["fused", "reference"]  # no attention: no SDPA variant
