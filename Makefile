@@ -13,8 +13,8 @@ export PYTHONUNBUFFERED := 1
 demo: build  ## the main job: train DIN on real MRI, fused vs reference
 	$(VENV)/bin/medattn demo --out demo_out
 
-bench: build  ## every op's benchmark table on this machine
-	$(PY) -m medattn_kernels.bench --out bench_results
+bench: build  ## every op's benchmark table on this machine, per SIMD ISA pass, and bench_results/speedup.png
+	$(PY) -m medattn_kernels.bench --isa-passes vector --out bench_results
 
 test: build test-python test-isa test-triton test-cpp test-nvcc test-aarch64  ## everything CI runs
 

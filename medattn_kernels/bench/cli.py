@@ -3,7 +3,8 @@ device, a table of forward and forward+backward times, speed-ups against the ref
 PyTorch path, MiB kept for backward, error against the float64 reference and the achieved rate against
 the machine's peak measured in the same run; also JSON and CSV.
 
-`--isa-passes all` reruns the CPU benchmark once per ISA pass this CPU supports, each in its own process
+`--isa-passes all` (or `vector`: AVX2 and AVX512 only) reruns the CPU benchmark once per ISA pass this CPU
+supports, each in its own process
 (ATEN_CPU_CAPABILITY=<pass>, with MKL and oneDNN capped to the same ISA so that the PyTorch baselines run
 their code for that ISA too), into <out>/<pass>/, and draws <out>/speedup.png: each op's speed-up against
 the best PyTorch path, per ISA pass.
@@ -42,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_results", help="directory for the JSON/CSV files")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     p.add_argument("--isa-passes", default=None,
-                   help="CPU only: 'all' (every ISA pass this CPU supports) or a comma-separated list "
-                        "(default, avx2, avx512), each in its own process, plus a speed-up chart")
+                   help="CPU only: 'all' (every ISA pass this CPU supports), 'vector' (its AVX2 / AVX512 passes) "
+                        "or a comma-separated list (default, avx2, avx512), each in its own process, plus a "
+                        "speed-up chart")
     return p
 
 
@@ -52,7 +54,12 @@ def _run_isa_passes(args, argv) -> int:
     from .chart import speedup_chart
 
     supported = [p.lower() for p in isa.supported_isas()]
-    passes = supported if args.isa_passes == "all" else [p.strip().lower() for p in args.isa_passes.split(",")]
+    if args.isa_passes == "all":
+        passes = supported
+    elif args.isa_passes == "vector":  # the SIMD passes (AVX2, AVX512) this CPU has, else the portable one
+        passes = [p for p in supported if p != "default"] or supported
+    else:
+        passes = [p.strip().lower() for p in args.isa_passes.split(",")]
     bad = [p for p in passes if p not in supported]
     if bad:
         print(f"medattn-bench: --isa-passes {bad} not supported by this CPU (supported: {supported})",
