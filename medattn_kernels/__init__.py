@@ -3,7 +3,7 @@ multi-scale Sobel boundary loss for medical image segmentation, plus an activate
 leaky ReLU keeping only its output for backward), as autograd-compatible
 torch.ops.medattn.* ops with C++ CPU, Triton and CUDA kernels and a pure-PyTorch reference each."""
 from . import _extension  # noqa: F401  (loads torch.ops.medattn before the op modules register on it)
-from . import nn, reference, testing  # noqa: F401
+from . import isa, nn, reference, testing  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _op_names
 from .ops._registry import BACKENDS, FORCE_REFERENCE_ENV, info_rows
@@ -18,7 +18,6 @@ def info(print_table: bool = True):
     if print_table:
         import torch
 
-        from . import isa
         print(f"medattn_kernels {__version__}  torch {torch.__version__}  "
               f"extension: {'loaded' if _extension._C is not None else 'missing'}"
               f"{' (stale: rebuild)' if _extension.STALE else ''}")
