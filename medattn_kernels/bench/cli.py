@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=3.0, help="seconds per measurement before stopping early")
     p.add_argument("--out", default="bench_results", help="directory for the JSON/CSV files")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    p.add_argument("--monai", action="store_true",
+                   help="MONAI networks and SpatialAttentionBlock, stock vs medattn_kernels.patch (needs monai; "
+                        "honours --quick, --device, --threads; more options: python -m medattn_kernels.bench.monai -h)")
     return p
 
 
@@ -33,6 +36,14 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("medattn-bench: --device cuda requested but no CUDA GPU is available", file=sys.stderr)
         return 2
+    if args.monai:
+        try:
+            from . import monai as monai_bench
+        except ImportError as exc:
+            print(f"medattn-bench: --monai needs monai (pip install 'medattn-kernels[monai]'): {exc}", file=sys.stderr)
+            return 2
+        monai_bench.run(args.quick, args.device)
+        return 0
     modules = op_modules()
     names = sorted(modules) if args.ops == "all" else [n.strip() for n in args.ops.split(",")]
     unknown = [n for n in names if n not in modules]
