@@ -41,22 +41,24 @@ class NetworkSpec:
     global RNG gives: seed before building); `batch` and `loss` make its training inputs and loss."""
 
     name: str
-    spatial_dims: int
-    size: int
+    spatial: tuple  # input size per spatial dim
     batch_size: int
-    kwargs: tuple  # (key, value) pairs, for the label
+    kwargs: tuple  # (key, value) pairs of the constructor's arguments
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial)
 
     @property
     def label(self) -> str:
-        spatial = "x".join([str(self.size)] * self.spatial_dims)
-        return f"{self.name} {self.spatial_dims}-D {spatial} b{self.batch_size}"
+        return f"{self.name} {self.spatial_dims}-D {'x'.join(map(str, self.spatial))} b{self.batch_size}"
 
     def build(self, flash: bool = False) -> nn.Module:
         from monai.networks.nets import UNETR, DiffusionModelUNet, DynUNet, MedNeXt
 
-        kw, d, size = dict(self.kwargs), self.spatial_dims, self.size
+        kw, d = dict(self.kwargs), self.spatial_dims
         if self.name == "UNETR":
-            return UNETR(1, 3, (size,) * d, spatial_dims=d, **kw)
+            return UNETR(1, 3, self.spatial, spatial_dims=d, **kw)
         if self.name == "DynUNet":
             levels = len(kw["filters"])
             return DynUNet(d, 1, 3, kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
@@ -70,7 +72,7 @@ class NetworkSpec:
         raise ValueError(f"name: expected one of {NETWORK_NAMES}, got {self.name!r}")
 
     def batch(self, generator: torch.Generator, dtype=torch.float32, device="cpu") -> dict:
-        shape = (self.batch_size, 1) + (self.size,) * self.spatial_dims
+        shape = (self.batch_size, 1) + tuple(self.spatial)
         image = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
         if self.name == "AttentionUNet":  # a denoising step: predict the noise added at a random time
             noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
@@ -94,7 +96,9 @@ def network_specs(quick: bool = False, tiny: bool = False) -> List[NetworkSpec]:
     for d in (2, 3):
         if tiny:
             unetr = dict(feature_size=8, hidden_size=32, mlp_dim=64, num_heads=4)
-            sizes = {"UNETR": 32, "DynUNet": 12 if d == 3 else 20, "MedNeXt": 16, "AttentionUNet": 8 if d == 3 else 12}
+            # UNETR's patches are 16 pixels wide: 32 x 32 (x 16) gives it 4 tokens.
+            sizes = {"UNETR": (32, 32, 16)[:d], "DynUNet": 12 if d == 3 else 20, "MedNeXt": 16,
+                     "AttentionUNet": 8 if d == 3 else 12}
             batch, dyn, med = 2, [4, 8, 16], dict(init_filters=4, kernel_size=7)
             attn = dict(channels=(8, 16), norm_num_groups=4, num_head_channels=4)
         else:
@@ -112,7 +116,9 @@ def network_specs(quick: bool = False, tiny: bool = False) -> List[NetworkSpec]:
         configs = {"UNETR": unetr, "DynUNet": dict(filters=dyn), "MedNeXt": med, "AttentionUNet": attn}
         for name in NETWORK_NAMES:
             b = 2 if name == "AttentionUNet" and d == 2 and not tiny else batch
-            specs.append(NetworkSpec(name, d, sizes[name], b, tuple(sorted(configs[name].items()))))
+            size = sizes[name]
+            spatial = tuple(size) if isinstance(size, tuple) else (size,) * d
+            specs.append(NetworkSpec(name, spatial, b, tuple(sorted(configs[name].items()))))
     return specs
 
 
@@ -144,7 +150,7 @@ def training_step(spec: NetworkSpec, model: nn.Module, optimizer: torch.optim.Op
     loss = spec.loss(model, batch)
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return loss.item()
 
 
 def kept_for_backward(spec: NetworkSpec, model: nn.Module, batch: dict) -> int:
