@@ -19,9 +19,8 @@ import copy
 import multiprocessing as mp
 import statistics
 import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +28,9 @@ from torch import nn
 
 from ..patch import patch
 from ..testing import saved_tensor_bytes
-from ..train import peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..train import time_and_peak
 from .harness import Candidate, Case, device_name, format_table, run_case
+from .training_step import interleaved_times
 
 NETWORK_NAMES = ("UNETR", "DynUNet", "MedNeXt", "AttentionUNet")
 
@@ -166,16 +166,8 @@ def _isolated_peak(queue, spec: NetworkSpec, variant: str, device: str, threads:
         model = build_variants(spec, ("stock", variant) if variant != "stock" else ("stock",), seed, device)[variant]
         batch = spec.batch(torch.Generator().manual_seed(seed + 1), device=device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            reset_peak_rss()
-            before = rss_bytes()
-        training_step(spec, model, optimizer, batch)
-        peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()) - before
-        queue.put({"ok": True, "peak_bytes": max(peak, 0)})
+        _, peak = time_and_peak(lambda: training_step(spec, model, optimizer, batch), device)
+        queue.put({"ok": True, "peak_bytes": peak})
     except (RuntimeError, MemoryError) as exc:
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
 
@@ -203,17 +195,8 @@ def compare(spec: NetworkSpec, variants=("stock", "patched"), steps: int = 5, wa
     models = build_variants(spec, variants, seed, device)
     batch = spec.batch(torch.Generator().manual_seed(seed + 1), device=device)
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    for i in range(warmup + steps):  # interleaved, so that load drifts hit every variant alike
-        for name, model in models.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            training_step(spec, model, optimizers[name], batch)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times({name: (lambda m=model, o=optimizers[name]: training_step(spec, m, o, batch))
+                               for name, model in models.items()}, steps, warmup, device)
     out = {}
     for name, model in models.items():
         report = getattr(model, "medattn_report", None)
