@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 pytest.importorskip("monai", reason="needs monai (the [monai] extra; `make test` installs it)")
 
@@ -164,12 +165,28 @@ def test_metatensor_input_and_compile_fullgraph():
     out = patched(x)
     assert isinstance(out, MetaTensor)
     assert_close_to_reference(out.as_tensor(), block(x).as_tensor().double(), torch.float32)
-    compiled = torch.compile(patched, fullgraph=True, backend="eager")
+    counter = CompileCounter()
+    compiled = torch.compile(patched, fullgraph=True, backend=counter)
     x = make_tensor((2, 8, 5, 6), requires_grad=True)
     out = compiled(x)
     out.sum().backward()
+    assert counter.frame_count == 1 and counter.op_count > 0  # traced, not run eagerly
     assert_close_to_reference(out, block(x).double(), torch.float32)
     assert x.grad is not None and patched.attn.to_q.weight.grad is not None
+
+
+def test_bn_block_compiles_with_a_graph_break_per_batch_norm():
+    # The signed-weight check reads the weights (one host sync per BatchNorm): torch.compile breaks the
+    # graph there, so fullgraph=True is refused and the default compile matches the stock block.
+    block = bn_block(UnetBasicBlock, 2).float()
+    patched, _ = patched_copy(block)
+    x = make_tensor((2, 3, 7, 6))
+    with pytest.raises(Exception, match="tolist"):
+        torch.compile(copy.deepcopy(patched), fullgraph=True, backend="eager")(x)
+    counter = CompileCounter()
+    out = torch.compile(patched, backend=counter)(x)
+    assert counter.frame_count >= 2
+    assert_close_to_reference(out, block(x).double(), torch.float32)
 
 
 # ---------------------------------------------------------------- BatchNorm + LeakyReLU blocks
@@ -331,3 +348,13 @@ def test_conditioned_unet_cross_attention_and_swin_report():
     swin = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=2, depths=(1, 1, 1, 1))
     rows = [r for r in mk.patch(swin).left_alone if r.type == "WindowAttention"]
     assert len(rows) == 4 and all("SwinUNETR window attention" in r.detail for r in rows)
+
+
+def test_benchmark_compare_reports_less_memory_kept():
+    """The benchmark's measurement on the tiny networks (memory only; times are not tested): DynUNet keeps
+    BatchNorm's inputs no more, the attention U-Net no N x N matrices."""
+    from medattn_kernels.bench.monai import compare
+    for key, at_least in (("DynUNet-2d", 1.4), ("AttentionUNet-2d", 1.2)):
+        result = compare(SPECS[key], steps=1, warmup=0, isolated_peak=False, log=lambda *_: None)
+        assert result["patched"]["patched"] == len(result["patched"]["report"]) > 0
+        assert result["patched"]["kept_less"] >= at_least, (key, result["patched"]["kept_less"])
