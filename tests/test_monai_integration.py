@@ -358,3 +358,23 @@ def test_benchmark_compare_reports_less_memory_kept():
         result = compare(SPECS[key], steps=1, warmup=0, isolated_peak=False, log=lambda *_: None)
         assert result["patched"]["patched"] == len(result["patched"]["report"]) > 0
         assert result["patched"]["kept_less"] >= at_least, (key, result["patched"]["kept_less"])
+
+
+@pytest.mark.parametrize("head_channels", [32, 8])
+def test_attention_keeps_no_more_than_monai_flash(head_channels):
+    """Kept for backward: the N x N matrix gone (stock keeps it), and no more than MONAI's SDPA path: the op's
+    [B, heads, N, d] output feeds out_proj per head instead of through a rearranged copy that Linear keeps."""
+    from medattn_kernels.testing import saved_tensor_bytes
+    stock = SpatialAttentionBlock(2, 32, num_head_channels=head_channels, norm_num_groups=4)
+    flash = SpatialAttentionBlock(2, 32, num_head_channels=head_channels, norm_num_groups=4, use_flash_attention=True)
+    flash.load_state_dict(stock.state_dict())
+    patched, _ = patched_copy(stock)
+    x = make_tensor((2, 32, 32, 30), requires_grad=True)
+    kept = {name: saved_tensor_bytes(lambda t, m=m: m(t), x) for name, m in
+            (("stock", stock), ("flash", flash), ("patched", patched))}
+    assert kept["patched"] <= kept["flash"] and kept["stock"] >= 4 * kept["patched"], kept
+    # A hooked (or subclassed: a LoRA adapter) out_proj is called as a module, and the hook sees the call.
+    seen = []
+    patched.attn.out_proj.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    assert_close_to_reference(patched(x), stock(x).double(), torch.float32)
+    assert seen == [torch.Size([2, 960, 32])]

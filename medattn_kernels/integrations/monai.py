@@ -69,13 +69,35 @@ def _attention_call_fallback(block: nn.Module, x: torch.Tensor) -> Optional[str]
     return None
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose call is exactly F.linear: no subclass (a LoRA adapter), no hooks."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+             nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+    return type(module) is nn.Linear and not any(hooks)
+
+
+def _project_heads(linear: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """``linear(rearrange(out, "b l n d -> b n (l d)"))`` without the rearranged copy: the op writes
+    ``[B, heads, N, d]``, and the copy Linear would keep for backward is a second output-sized tensor next to
+    the op's own saved output (SDPA writes token-major, so MONAI's flash path keeps one). Per image, one
+    batched matmul over heads, ``out[b, h] @ W[:, h]^T``, summed over heads: it keeps views of ``out`` and of
+    the weight (one matmul over all images would keep the weight expanded to every image); the
+    ``[heads, N, O]`` partial products are transient."""
+    heads, head_dim = out.shape[1], out.shape[3]
+    weight = linear.weight.view(linear.out_features, heads, head_dim).permute(1, 2, 0)  # [heads, d, O]
+    y = torch.stack([torch.matmul(image, weight).sum(0) for image in out.unbind(0)])
+    return y if linear.bias is None else y + linear.bias
+
+
 def _attend(block: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """From the rearranged [B, heads, N, d] projections to the block's output, as MONAI's forward does."""
     count_fused(block)
-    out = block.out_rearrange(cross_attention(q, k, v, scale=block.scale, backend=op_backend(block)))
-    if getattr(block, "include_fc", True):  # CrossAttentionBlock always projects
-        out = block.out_proj(out)
-    return block.drop_output(out)
+    out = cross_attention(q, k, v, scale=block.scale, backend=op_backend(block))
+    if not getattr(block, "include_fc", True):  # CrossAttentionBlock always projects
+        return block.drop_output(block.out_rearrange(out))
+    if out.shape[1] > 1 and _is_plain_linear(block.out_proj):
+        return block.drop_output(_project_heads(block.out_proj, out))
+    return block.drop_output(block.out_proj(block.out_rearrange(out)))
 
 
 def _sablock_forward(block: SABlock, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
