@@ -18,6 +18,7 @@ bench: build  ## every op's benchmark table on this machine, per SIMD ISA pass, 
 
 test: build test-python test-isa test-triton test-cpp test-nvcc test-aarch64  ## everything CI runs
 
+# requirements-dev.txt pins the tool chain and the [monai] and demo extras (the MONAI tests run in CI).
 $(VENV)/.setup-done: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

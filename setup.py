@@ -120,6 +120,7 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark"],
         "demo": ["nibabel", "nilearn", "tqdm", "matplotlib"],
+        "monai": ["monai==1.6.1", "einops==0.8.2"],  # the versions integrations/monai.py is written against
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildWithIsaPasses.with_options(use_ninja=True)},

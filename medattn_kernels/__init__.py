@@ -7,7 +7,7 @@ from . import isa, nn, reference, testing  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _op_names
 from .ops._registry import BACKENDS, FORCE_REFERENCE_ENV, info_rows
-from .patch import patch
+from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -28,4 +28,4 @@ def info(print_table: bool = True):
     return rows
 
 
-__all__ = list(_op_names) + ["info", "patch", "BACKENDS", "FORCE_REFERENCE_ENV"]
+__all__ = list(_op_names) + ["info", "patch", "unpatch", "PatchReport", "BACKENDS", "FORCE_REFERENCE_ENV"]

@@ -68,7 +68,8 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32, device
                 high: float = 2.0) -> torch.Tensor:
     """Fresh uniform random values in [low, high) with the given memory layout:
     "contiguous"; "noncontiguous" (every other element of the last dimension of a wider buffer);
-    "channels_last" (4-D only)."""
+    "channels_last" (channels innermost: channels_last for 4-D, channels_last_3d for 5-D, [B, L, C] memory
+    order for 3-D)."""
     shape = tuple(shape)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
@@ -78,7 +79,10 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32, device
     else:
         t = torch.empty(shape, dtype=torch.float64, device=device).uniform_(low, high).to(dtype)
     if layout == "channels_last":
-        t = t.contiguous(memory_format=torch.channels_last)
+        if t.dim() == 3:
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        else:
+            t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
     return t.requires_grad_(requires_grad)
 
 

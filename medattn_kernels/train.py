@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -235,9 +235,9 @@ def kept_for_backward(model: torch.nn.Module, batch: dict) -> int:
     return saved_tensor_bytes(forward_and_loss, batch, params)
 
 
-def measure_step(trainer: Trainer, batch: dict, device) -> Dict[str, float]:
-    """One training step's time, peak memory above the pre-step level (see the module docstring) and
-    activations kept for backward (measured in a separate forward, not timed)."""
+def time_and_peak(step: Callable[[], object], device) -> Tuple[float, int]:
+    """Seconds of one call of `step` and its peak memory above the level before it (see the module
+    docstring: CUDA allocations, or the CPU process's resident set)."""
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -247,13 +247,20 @@ def measure_step(trainer: Trainer, batch: dict, device) -> Dict[str, float]:
         reset_peak_rss()
         before = rss_bytes()
     start = time.perf_counter()
-    trainer.step(batch)
+    step()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - before
+    return seconds, max(peak, 0)
+
+
+def measure_step(trainer: Trainer, batch: dict, device) -> Dict[str, float]:
+    """One training step's time, peak memory above the pre-step level (see the module docstring) and
+    activations kept for backward (measured in a separate forward, not timed)."""
+    seconds, peak = time_and_peak(lambda: trainer.step(batch), device)
     saved = kept_for_backward(trainer.model, batch)
-    return {"step_s": seconds, "peak_bytes": max(peak, 0), "saved_bytes": saved}
+    return {"step_s": seconds, "peak_bytes": peak, "saved_bytes": saved}
 
 
 def _isolated_step(queue, network: str, fused: bool, size: int, batch_size: int, device: str, model_kwargs: dict,

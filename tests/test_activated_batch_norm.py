@@ -6,12 +6,15 @@ import torch
 
 import medattn_kernels as mk
 from medattn_kernels import reference
+from medattn_kernels.ops.activated_batch_norm import signed_weight_plan
 from medattn_kernels.testing import (as_float64_leaves, assert_close_to_reference, grads_of, make_tensor,
                                      rel_error, saved_tensor_bytes, sum_tolerance, tolerance)
 
 from conftest import triton_device
 
 SHAPES = [(2, 3, 17, 23), (1, 5, 1, 3), (4, 1, 3, 5), (3, 16, 9, 1)]
+# [B, C, L] and [B, C, D, H, W] (issue 11): odd sizes, a single depth slice, C = 1.
+ND_SHAPES = [(3, 5, 29), (1, 2, 3), (2, 3, 5, 7, 6), (1, 4, 1, 9, 5), (2, 1, 3, 4, 5)]
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # In bfloat16 the gradients are sums over B*H*W values that cancel (grad weight, grad bias) or a
 # projection that removes most of dz (grad x when B*H*W is a handful), computed from an 8-bit-mantissa
@@ -47,10 +50,11 @@ def check_parity(backend, shape, dtype, layout="contiguous", slope=0.01, device=
         # grad weight = sum dz * xhat and grad bias = sum dz over B*H*W terms, which can cancel (float32,
         # B*H*W = 60: grad bias 0.016 from terms of size 1 gave 2.7e-5 against the generic 2e-5).
         x64 = leaves64[0].detach()
-        var64, mean64 = torch.var_mean(x64, dim=(0, 2, 3), correction=0, keepdim=True)
+        dims = [d for d in range(x64.dim()) if d != 1]
+        var64, mean64 = torch.var_mean(x64, dim=dims, correction=0, keepdim=True)
         dz = torch.where(y_ref.detach() > 0, grad, grad * slope)
-        floor[1] = sum_tolerance(dtype, dz * (x64 - mean64) / torch.sqrt(var64 + 1e-5), grads_ref[1], (0, 2, 3))
-        floor[2] = sum_tolerance(dtype, dz, grads_ref[2], (0, 2, 3))
+        floor[1] = sum_tolerance(dtype, dz * (x64 - mean64) / torch.sqrt(var64 + 1e-5), grads_ref[1], dims)
+        floor[2] = sum_tolerance(dtype, dz, grads_ref[2], dims)
     if dtype == torch.bfloat16:
         # bfloat16 y (8-bit mantissa), from which x_hat is rebuilt: also accept 0.1, or twice the error
         # of the composite computed in bfloat16 from the same inputs.
@@ -70,6 +74,83 @@ def test_cpu_matches_reference(shape, dtype, layout):
     y = check_parity("cpu", shape, dtype, layout)
     if layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", ND_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
+def test_cpu_1d_and_3d_maps(shape, dtype, layout):
+    y = check_parity("cpu", shape, dtype, layout)
+    x = make_tensor(shape, layout=layout)
+    if layout == "channels_last" and len(shape) == 5 and shape[1] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+        # channels_last_3d reaches the kernel as a channels_last view: no copy of x, none of y.
+        assert mk.activated_batch_norm(x, *make_params(shape[1]))[0].is_contiguous(
+            memory_format=torch.channels_last_3d)
+
+
+def test_channels_last_with_unit_width():
+    # PyTorch keeps any stride for a size-1 W and still calls the tensor channels_last; the kernels read
+    # the pixel stride from stride(3), so the public op hands them [B, C, 1, H * W] (regression: the C++
+    # kernel read such a [3, 5, 9, 1] map with pixel stride 1 instead of 5).
+    x = torch.randn(3, 5, 9, 1).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert x.stride(3) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+    weight, bias = make_params(5)
+    y = mk.activated_batch_norm(x, weight, bias)[0]
+    assert_close_to_reference(y, reference.activated_batch_norm(*as_float64_leaves([x, weight, bias]))[0],
+                              torch.float32)
+
+
+def test_gradcheck_float64_3d():
+    weight, bias = make_params(3, torch.float64)
+    for layout in ("contiguous", "channels_last"):
+        x = make_tensor((2, 3, 3, 2, 3), torch.float64, layout=layout, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda a, w, b: mk.activated_batch_norm(a, w, b, backend="cpu")[0], (x, weight, bias))
+    x = make_tensor((2, 3, 5), torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w, b: mk.activated_batch_norm(a, w, b, backend="cpu")[0],
+                                    (x, weight, bias))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3, 6), (3, 5, 7)])
+def test_signed_weight_is_batch_norm(shape):
+    # signed_weight=True is nn.BatchNorm + LeakyReLU with the signed weight: weights of both signs (the
+    # x flip), all positive (w - eps), and an error where |w| <= eps.
+    x = make_tensor(shape, torch.float64, requires_grad=True)
+    for weight in (make_params(5, torch.float64)[0], torch.rand(5, dtype=torch.float64).add(0.1).requires_grad_()):
+        bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        y, mean, var = mk.activated_batch_norm(x, weight, bias, 1e-5, 0.2, signed_weight=True)
+        y_bn = torch.nn.functional.leaky_relu(torch.nn.functional.batch_norm(
+            x, None, None, weight, bias, training=True, eps=1e-5), 0.2)
+        assert_close_to_reference(y, y_bn, torch.float64)
+        dims = [d for d in range(len(shape)) if d != 1]
+        assert_close_to_reference(mean, x.detach().mean(dims), torch.float64, "mean")
+        grad = torch.randn(shape, dtype=torch.float64)
+        for g, g_bn, name in zip(grads_of(y, [x, weight, bias], grad), grads_of(y_bn, [x, weight, bias], grad),
+                                 ["x", "weight", "bias"]):
+            assert_close_to_reference(g, g_bn, torch.float64, f"grad {name}")
+    tiny = torch.tensor([1.0, -1e-6, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert signed_weight_plan(tiny, 1e-5) is None
+    with pytest.raises(ValueError, match=r"weight: signed_weight=True needs \|weight\| > eps"):
+        mk.activated_batch_norm(x, tiny, bias, signed_weight=True)
+
+
+@pytest.mark.parametrize("module, shape", [("ActivatedBatchNorm1d", (6, 4)), ("ActivatedBatchNorm1d", (3, 4, 9)),
+                                           ("ActivatedBatchNorm3d", (2, 4, 3, 5, 4))])
+def test_1d_and_3d_modules_match_batch_norm(module, shape):
+    fused = getattr(mk.nn, module)(4, negative_slope=0.1, momentum=None).double()
+    plain = getattr(torch.nn, module.replace("Activated", ""))(4, momentum=None).double()
+    with torch.no_grad():
+        plain.weight.copy_(fused.weight.abs() + fused.eps)
+    for _ in range(2):
+        x = make_tensor(shape, torch.float64, low=-1, high=3)
+        assert_close_to_reference(fused(x), torch.nn.functional.leaky_relu(plain(x), 0.1), torch.float64)
+    assert_close_to_reference(fused.running_var, plain.running_var, torch.float64, "running_var")
+    assert int(fused.num_batches_tracked) == 2
+    fused.eval(), plain.eval()
+    assert_close_to_reference(fused(x), torch.nn.functional.leaky_relu(plain(x), 0.1), torch.float64, "eval")
+    with pytest.raises(ValueError, match="expected"):
+        fused(torch.randn(2, 4, 3, 3, 3, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("slope", [0.01, 0.2, 1.0])
@@ -127,8 +208,9 @@ def test_opcheck():
                            [True, True, False]))
 
 
-def test_torch_compile_fullgraph():
-    x = make_tensor((2, 6, 5, 7), requires_grad=True)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 4, 5)])
+def test_torch_compile_fullgraph(shape):
+    x = make_tensor(shape, requires_grad=True)
     weight, bias = make_params(6)
     compiled = torch.compile(lambda a, w, b: mk.activated_batch_norm(a, w, b)[0] * 2, fullgraph=True,
                              backend="eager")
@@ -166,7 +248,12 @@ def test_module_running_statistics_and_eval(momentum):
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3, 4), w, b), ValueError, r"x: expected a 4-D tensor"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3), w, b), ValueError,
+     r"x: expected a 3-D, 4-D or 5-D tensor \[B, C, \*spatial\] with 1 to 3 spatial dims"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3, 2, 2, 2, 2), w, b), ValueError,
+     r"x: expected a 3-D, 4-D or 5-D tensor"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(1, 3, 1, 1, 1), w, b), ValueError,
+     r"x: expected more than 1 value per channel"),
     (lambda w, b: mk.activated_batch_norm(torch.randint(0, 3, (2, 3, 2, 2)), w, b), TypeError,
      r"x: expected a floating"),
     (lambda w, b: mk.activated_batch_norm(torch.randn(2, 4, 2, 2), w, b), ValueError,
@@ -201,7 +288,7 @@ def test_float16_default_falls_back_to_reference_on_cpu():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("shape", [(2, 3, 17, 23), (3, 2, 1, 700)])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 23), (3, 2, 1, 700), (2, 3, 3, 5, 7), (2, 3, 41)])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
 def test_triton_matches_reference(shape, layout):
     check_parity("triton", shape, torch.float32, layout, device=triton_device())
@@ -236,6 +323,7 @@ def test_triton_float64_launcher():
 def test_cuda_op_matches_reference(dtype):
     y = check_parity(None, (8, 12, 224, 224), dtype, device="cuda")
     assert y.is_cuda
+    check_parity(None, (2, 8, 32, 48, 40), dtype, "channels_last", device="cuda")
 
 
 @pytest.mark.cuda

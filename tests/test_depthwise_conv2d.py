@@ -1,7 +1,7 @@
 """depthwise_conv2d: parity with the float64 reference (output, grad input, grad weight, grad bias) over
 kernel sizes 1..51, strips, dilation, odd maps, maps smaller than the kernel, layouts; gradcheck,
 opcheck, torch.compile, determinism, Triton under the interpreter, bad input; the modules
-(DepthwiseConv2d, LargeKernelDWConv2d re-parameterisation) and patch()."""
+(DepthwiseConv2d, LargeKernelDWConv2d re-parameterisation); patch() of depthwise convs: tests/test_patch.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,7 +252,7 @@ def test_bad_input(call, error, match):
         call()
 
 
-# ---- modules and patch()
+# ---- modules
 
 def test_depthwise_module_matches_conv2d():
     conv = nn.Conv2d(6, 6, (7, 5), padding=(6, 4), dilation=2, groups=6)
@@ -294,30 +294,6 @@ def test_large_kernel_block_validates():
         LargeKernelDWConv2d(4, 20)
     with pytest.raises(ValueError, match="small_kernel: expected an odd int"):
         LargeKernelDWConv2d(4, 7, small_kernel=9)
-
-
-def test_patch_replaces_depthwise_convs_and_keeps_outputs():
-    model = nn.Sequential(
-        nn.Conv2d(8, 8, 7, padding=3, groups=8),                 # patched
-        nn.Sequential(nn.Conv2d(8, 8, (1, 9), padding=(0, 4), groups=8, bias=False),  # patched (strip)
-                      nn.ReLU()),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8),                 # small kernel: kept
-        nn.Conv2d(8, 8, 5, padding=2, groups=8, stride=2),       # stride 2: kept
-        nn.Conv2d(8, 8, 5, padding=2, groups=8, padding_mode="reflect"),  # kept
-        nn.Conv2d(8, 16, 5, padding=2, groups=8),                # not depthwise: kept
-        nn.Conv2d(16, 16, 5, padding="same", dilation=2, groups=16),  # patched
-    ).double()
-    x = make_tensor((2, 8, 21, 17), torch.float64, requires_grad=True)
-    before = model(x)
-    (g_before,) = torch.autograd.grad(before.sum(), [x])
-    assert patch(model) == 3
-    kinds = [type(m).__name__ for m in model.modules()]
-    assert kinds.count("DepthwiseConv2d") == 3 and kinds.count("Conv2d") == 4
-    after = model(x)
-    (g_after,) = torch.autograd.grad(after.sum(), [x])
-    assert_close_to_reference(after, before, torch.float64)
-    assert_close_to_reference(g_after, g_before, torch.float64)
-    assert patch(model) == 0
 
 
 # ---- Triton (GPU, or CPU tensors under TRITON_INTERPRET=1: small shapes)

@@ -11,6 +11,7 @@ from medattn_kernels.testing import (as_float64_leaves, assert_close_to_referenc
 from conftest import triton_device
 
 SHAPES = [(1, 3, 17, 23), (2, 96, 14, 14), (3, 1, 5, 1), (2, 7, 1, 1)]
+ND_SHAPES = [(2, 5, 37), (1, 1, 3), (2, 6, 3, 7, 5), (1, 9, 1, 4, 1), (3, 2, 5, 1, 6)]  # issue 11: 1-D and 3-D
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -37,6 +38,24 @@ def test_cpu_matches_reference(shape, dtype, layout, two_inputs):
     out = check_parity("cpu", shape, dtype, layout, two_inputs)
     if layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", ND_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
+@pytest.mark.parametrize("two_inputs", [False, True])
+def test_cpu_1d_and_3d_maps(shape, dtype, layout, two_inputs):
+    out = check_parity("cpu", shape, dtype, layout, two_inputs)
+    if layout == "channels_last" and len(shape) == 5 and shape[1] > 1 and out.numel() > shape[0] * shape[1]:
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_3d_gradcheck_memory_and_mixed_layouts():
+    x = make_tensor((2, 3, 3, 2, 3), torch.float64, requires_grad=True)
+    y = make_tensor((2, 3, 3, 2, 3), torch.float64, layout="channels_last", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: mk.global_spatial_attention(a, b, backend="cpu"), (x, y))
+    # The [B, C, 1, P] view keeps x's storage: nothing but the inputs is kept.
+    assert saved_tensor_bytes(lambda a, b: mk.global_spatial_attention(a, b, backend="cpu"), x, y) == 0
 
 
 def test_mixed_layouts_and_default_backend():
@@ -86,9 +105,10 @@ def test_opcheck(two_inputs):
     torch.library.opcheck(torch.ops.medattn.global_spatial_attention_backward.default, (g, x.detach()))
 
 
-def test_torch_compile_fullgraph():
-    x = make_tensor((2, 6, 5, 7), requires_grad=True)
-    y = make_tensor((2, 6, 5, 7), requires_grad=True)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 5, 7), (2, 6, 9)])
+def test_torch_compile_fullgraph(shape):
+    x = make_tensor(shape, requires_grad=True)
+    y = make_tensor(shape, requires_grad=True)
     compiled = torch.compile(lambda a, b: mk.global_spatial_attention(a, b) * 2, fullgraph=True, backend="eager")
     out = compiled(x, y)
     out.sum().backward()
@@ -114,7 +134,11 @@ def test_force_reference_env(monkeypatch):
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda: mk.global_spatial_attention(torch.randn(2, 3, 4)), ValueError, r"x: expected a 4-D tensor"),
+    (lambda: mk.global_spatial_attention(torch.randn(2, 3)), ValueError,
+     r"x: expected a 3-D, 4-D or 5-D tensor \[B, C, \*spatial\] with 1 to 3 spatial dims"),
+    (lambda: mk.global_spatial_attention(torch.randn(1, 2, 3, 3, 3, 3)), ValueError, r"x: expected a 3-D, 4-D or 5-D"),
+    (lambda: mk.global_spatial_attention(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 9)), ValueError,
+     r"y: expected shape \(1, 2, 3, 3\)"),
     (lambda: mk.global_spatial_attention(torch.randint(0, 3, (1, 2, 3, 3))), TypeError, r"x: expected a floating"),
     (lambda: mk.global_spatial_attention(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 4)), ValueError,
      r"y: expected shape \(1, 2, 3, 3\)"),
@@ -139,7 +163,7 @@ def test_float16_default_falls_back_to_reference_on_cpu():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("shape", [(1, 3, 17, 23), (2, 5, 1, 300)])
+@pytest.mark.parametrize("shape", [(1, 3, 17, 23), (2, 5, 1, 300), (2, 3, 3, 5, 7), (2, 4, 33)])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
 @pytest.mark.parametrize("two_inputs", [False, True])
 def test_triton_matches_reference(shape, layout, two_inputs):
@@ -157,6 +181,7 @@ def test_triton_low_precision(dtype):
 def test_cuda_op_matches_reference(dtype):
     out = check_parity(None, (4, 96, 56, 56), dtype, "channels_last", True, device="cuda")
     assert out.is_cuda
+    check_parity(None, (2, 32, 24, 40, 36), dtype, "channels_last", True, device="cuda")
 
 
 @pytest.mark.cuda

@@ -3,7 +3,8 @@
 import importlib
 import pkgutil
 
-_NOT_OPS = {"harness", "cli", "chart", "__main__"}
+# monai: network training steps with its own table (`--monai`), not op cases; it also needs monai.
+_NOT_OPS = {"harness", "cli", "chart", "__main__", "monai"}
 
 
 def op_modules() -> dict:

@@ -1,3 +1,4 @@
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # a spawned child (the --monai peak measurement) imports this module again
+    raise SystemExit(main())

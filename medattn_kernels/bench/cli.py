@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: 'all' (every ISA pass this CPU supports), 'vector' (its AVX2 / AVX512 passes) "
                         "or a comma-separated list (default, avx2, avx512), each in its own process, plus a "
                         "speed-up chart")
+    p.add_argument("--monai", action="store_true",
+                   help="MONAI networks and SpatialAttentionBlock, stock vs medattn_kernels.patch (needs monai; "
+                        "honours --quick, --device, --threads; more options: python -m medattn_kernels.bench.monai -h)")
     return p
 
 
@@ -103,6 +106,14 @@ def main(argv=None) -> int:
             print("medattn-bench: --isa-passes applies to --device cpu only", file=sys.stderr)
             return 2
         return _run_isa_passes(args, argv)
+    if args.monai:
+        try:
+            from . import monai as monai_bench
+        except ImportError as exc:
+            print(f"medattn-bench: --monai needs monai (pip install 'medattn-kernels[monai]'): {exc}", file=sys.stderr)
+            return 2
+        monai_bench.run(args.quick, args.device)
+        return 0
     modules = op_modules()
     names = sorted(modules) if args.ops == "all" else [n.strip() for n in args.ops.split(",")]
     unknown = [n for n in names if n not in modules]

@@ -10,7 +10,7 @@ import inspect
 import json
 import statistics
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -30,6 +30,24 @@ def variants(network: str) -> Dict[str, dict]:
     return out
 
 
+def interleaved_times(steps_by_name: Dict[str, Callable[[], object]], steps: int, warmup: int = 1,
+                      device: str = "cpu") -> Dict[str, List[float]]:
+    """Seconds of each call, `warmup` untimed rounds then `steps` timed ones, the variants taking turns
+    within every round so that machine load drifts hit them alike."""
+    times: Dict[str, List[float]] = {name: [] for name in steps_by_name}
+    for i in range(warmup + steps):
+        for name, step in steps_by_name.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def compare(network: str = "din", size: int = 224, batch_size: int = 8, model_kwargs: Optional[dict] = None,
             steps: int = 4, warmup: int = 1, device: str = "cpu", isolated_peak: bool = True,
             seed: int = 0, log=print) -> Dict[str, Dict[str, float]]:
@@ -45,17 +63,8 @@ def compare(network: str = "din", size: int = 224, batch_size: int = 8, model_kw
         if name != "fused":
             model.load_state_dict(models["fused"].state_dict())
     trainers = {name: Trainer(m, steps=1000) for name, m in models.items()}
-    times = {name: [] for name in models}
-    for i in range(warmup + steps):  # interleaved, so that machine load drifts hit every variant alike
-        for name, trainer in trainers.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            trainer.step(batch)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times({name: (lambda t=t: t.step(batch)) for name, t in trainers.items()}, steps, warmup,
+                              device)
     out = {}
     for name, model in models.items():
         out[name] = {"step_s": statistics.median(times[name]), "step_times": times[name],

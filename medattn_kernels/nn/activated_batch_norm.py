@@ -1,3 +1,7 @@
+"""BatchNorm + LeakyReLU layers on ``medattn.activated_batch_norm`` (InPlace-ABN), for 1-, 2- and 3-D maps,
+and the running-statistics update they share with the MONAI patcher (medattn_kernels/integrations)."""
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -5,15 +9,32 @@ from torch import nn
 from ..ops.activated_batch_norm import activated_batch_norm
 
 
-class ActivatedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d + LeakyReLU in one layer that keeps only its output for backward (InPlace-ABN).
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                         count: int) -> None:
+    """What a training-mode ``nn.BatchNorm*d`` does to its buffers after normalising `count` values per
+    channel with the biased batch statistics (mean, var): num_batches_tracked += 1, and the running mean and
+    unbiased running variance move by ``momentum`` (or by 1 / num_batches_tracked with ``momentum=None``,
+    the cumulative average). Nothing when the module does not track running statistics."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), factor)
+
+
+class _ActivatedBatchNorm:
+    """BatchNorm + LeakyReLU in one layer that keeps only its output for backward (InPlace-ABN).
 
     The scale applied is ``|weight| + eps`` (invertibility; ``medattn_kernels.activated_batch_norm``),
-    so the layer differs from ``BatchNorm2d`` + ``LeakyReLU`` only by that reparameterisation: with
+    so the layer differs from ``BatchNorm`` + ``LeakyReLU`` only by that reparameterisation: with
     ``fused=False`` it runs the reference composite with the same parameters and buffers. Training
-    mode normalises with the batch statistics and updates the running estimates like BatchNorm2d
+    mode normalises with the batch statistics and updates the running estimates like BatchNorm
     (momentum, or a cumulative average with ``momentum=None``; unbiased running variance); eval mode
     uses the running estimates (a per-channel affine map, plain PyTorch in both variants).
+    (To run an existing ``nn.BatchNorm*d`` + ``nn.LeakyReLU`` with its signed weight on the fused op,
+    use ``medattn_kernels.patch``.)
     """
 
     def __init__(self, num_features: int, negative_slope: float = 0.01, eps: float = 1e-5,
@@ -25,19 +46,28 @@ class ActivatedBatchNorm2d(nn.BatchNorm2d):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
         if not self.training:
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight.abs() + self.eps, self.bias,
                              training=False, eps=self.eps)
             return F.leaky_relu(y, self.negative_slope, inplace=True)
-        y, mean, var = activated_batch_norm(x, self.weight, self.bias, self.eps, self.negative_slope,
+        x_map = x.unsqueeze(-1) if x.dim() == 2 else x  # BatchNorm1d's [B, C]: one pixel per sample
+        y, mean, var = activated_batch_norm(x_map, self.weight, self.bias, self.eps, self.negative_slope,
                                             backend=None if self.fused else "reference")
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            count = x.numel() // x.shape[1]
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-            self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
-        return y
+        update_running_stats(self, mean, var, x.numel() // x.shape[1])
+        return y.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}, fused={self.fused}"
+
+
+class ActivatedBatchNorm1d(_ActivatedBatchNorm, nn.BatchNorm1d):
+    __doc__ = "For ``[B, C]`` and ``[B, C, L]`` inputs (a ``BatchNorm1d`` subclass). " + _ActivatedBatchNorm.__doc__
+
+
+class ActivatedBatchNorm2d(_ActivatedBatchNorm, nn.BatchNorm2d):
+    __doc__ = "For ``[B, C, H, W]`` inputs (a ``BatchNorm2d`` subclass). " + _ActivatedBatchNorm.__doc__
+
+
+class ActivatedBatchNorm3d(_ActivatedBatchNorm, nn.BatchNorm3d):
+    __doc__ = "For ``[B, C, D, H, W]`` inputs (a ``BatchNorm3d`` subclass). " + _ActivatedBatchNorm.__doc__

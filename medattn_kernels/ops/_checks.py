@@ -63,3 +63,26 @@ def check_int_pair(value, name: str, minimum: int) -> tuple:
     if any(v < minimum for v in pair):
         raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
     return pair
+
+
+# ---- feature maps [B, C, *spatial]: the per-pixel ops (global spatial attention, activated batch norm) take
+# 1 to 3 spatial dims; their kernels see one 4-D layout.
+SPATIAL_MAP = "[B, C, *spatial] with 1 to 3 spatial dims"
+
+
+def check_spatial_map(t, name: str) -> torch.Tensor:
+    check_tensor(t, name)
+    if not 3 <= t.dim() <= 5:
+        raise ValueError(f"{name}: expected a 3-D, 4-D or 5-D tensor {SPATIAL_MAP}, got shape {tuple(t.shape)}")
+    return t
+
+
+def as_4d_map(t: torch.Tensor) -> torch.Tensor:
+    """`t` [B, C, *spatial] as the [B, C, 1, P] (P = prod(spatial)) that the 4-D kernels take, without a copy
+    for the layouts they read in place: the spatial dims merge into one in NC(D)HW and in channels_last(_3d)
+    alike (each spatial stride is the next one's times its size), so channels_last_3d arrives as channels_last;
+    other striding is copied by reshape, as the kernels would copy it anyway. The per-pixel ops compute the
+    same function on this view (their reductions run over all pixels, or over channels only).
+    All pixels go in the last dim because the kernels take stride(3) as the pixel stride of a channels_last
+    map; a [B, C, H, 1] tensor may carry any stride for its size-1 W and still count as channels_last."""
+    return t.reshape(t.shape[0], t.shape[1], 1, math.prod(t.shape[2:]))

@@ -1,11 +1,13 @@
 """activated_batch_norm: training-mode batch norm + leaky ReLU that keeps only its output (InPlace-ABN).
 
 ``y = leaky_relu((x - mean) / sqrt(var + eps) * (|weight| + eps) + bias, negative_slope)`` with the
-biased batch statistics over (B, H, W). Autograd saves y, the two [C] parameters and var, never x:
+biased batch statistics over (B, *spatial). Autograd saves y, the two [C] parameters and var, never x:
 for slope > 0 and gamma = |weight| + eps > 0 the activation and the affine map can be inverted, so
 the backward rebuilds x_hat from y (csrc/cpu/activated_batch_norm.cpp has the formulas). In a
 conv-BN-act stack the next conv keeps y as its input anyway, so this halves what the stack keeps.
 The op also returns the batch mean and variance (not differentiable) for the running estimates.
+1-D and 3-D maps reach the 4-D kernels as views (_checks.as_4d_map): the statistics run over all pixels.
+``signed_weight=True`` computes nn.BatchNorm's function (signed scale ``weight``) on the same kernels.
 
 GPU: Triton only (two memory-bound passes with per-channel reductions; nothing for CUDA C++ to win).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._checks import check_dims, check_floating, check_like, check_tensor
+from ._checks import as_4d_map, check_dims, check_floating, check_like, check_spatial_map, check_tensor
 from ._registry import FusedOp, needs_grad, none_if_absent
 from .global_spatial_attention import output_layout
 
@@ -69,35 +71,76 @@ SPEC = FusedOp(
 
 
 def activated_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                         negative_slope: float = 0.01, *, backend=None):
+                         negative_slope: float = 0.01, *, signed_weight: bool = False, backend=None):
     """Training-mode batch norm followed by leaky ReLU, keeping only the output for backward.
 
     Args:
-        x: ``[B, C, H, W]`` floating tensor, NCHW or channels_last (the output keeps channels_last);
-            B * H * W must exceed 1 (batch statistics).
+        x: ``[B, C, *spatial]`` floating tensor with 1 to 3 spatial dims (``[B, C, L]``, ``[B, C, H, W]``,
+            ``[B, C, D, H, W]``), contiguous or channels_last(_3d) (the output keeps channels_last);
+            B * prod(spatial) must exceed 1 (batch statistics).
         weight, bias: ``[C]``, x's dtype and device; the scale applied is ``|weight| + eps``.
         eps: added to the variance and to |weight| (> 0).
         negative_slope: leaky ReLU slope (> 0: the backward inverts the activation).
+        signed_weight: apply ``weight`` itself as the scale, as ``nn.BatchNorm`` does, instead of
+            ``|weight| + eps``: exact for every channel with ``|weight| > eps`` (see
+            ``signed_weight_plan``); raises ValueError otherwise.
         backend: ``None`` (fastest available), ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         ``(y, mean, var)``: the activation, and the biased batch mean and variance ``[C]`` (float32,
         float64 for float64 x; not differentiable) for updating running estimates.
     """
-    check_tensor(x, "x", 4, "[B, C, H, W]")
+    check_spatial_map(x, "x")
     check_floating(x, "x")
     for name, p in (("weight", weight), ("bias", bias)):
         check_tensor(p, name)
         check_like(p, name, x, "x")
         check_dims(p, name, [x.shape[1]], f"[C] = [{x.shape[1]}]")
-    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        raise ValueError(f"x: expected more than 1 value per channel (B * H * W > 1) for batch statistics, "
-                         f"got shape {tuple(x.shape)}")
+    if x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"x: expected more than 1 value per channel (B * prod(spatial) > 1) for batch "
+                         f"statistics, got shape {tuple(x.shape)}")
     if not float(eps) > 0:
         raise ValueError(f"eps: expected > 0, got {eps}")
     if not float(negative_slope) > 0:
         raise ValueError(f"negative_slope: expected > 0 (the activation must be invertible), got {negative_slope}")
+    if signed_weight:
+        flip = signed_weight_plan(weight, eps)
+        if flip is None:
+            raise ValueError(f"weight: signed_weight=True needs |weight| > eps = {eps} in every channel (the "
+                             f"op's scale |w'| + eps cannot go below eps)")
+        return signed_weight_activated_batch_norm(x, weight, bias, eps, negative_slope, flip, backend=backend)
+    return _activated_batch_norm(x, weight, bias, float(eps), float(negative_slope), backend)
+
+
+def _activated_batch_norm(x, weight, bias, eps: float, negative_slope: float, backend):
     chosen = SPEC.resolve(backend, x, "x")
     if chosen == "reference":
-        return reference.activated_batch_norm(x, weight, bias, float(eps), float(negative_slope))
-    return SPEC.run(chosen, x, weight, bias, float(eps), float(negative_slope))
+        return reference.activated_batch_norm(x, weight, bias, eps, negative_slope)
+    y, mean, var = SPEC.run(chosen, as_4d_map(x), weight, bias, eps, negative_slope)
+    return y.view(x.shape), mean, var
+
+
+def signed_weight_plan(weight: torch.Tensor, eps: float):
+    """How ``leaky_relu(batch_norm(x, weight))`` with BatchNorm's signed weight runs on this op, whose
+    scale is ``|w'| + eps``: None when some ``|weight| <= eps`` (not representable: the caller keeps
+    its stock computation); False when every weight exceeds eps (``w' = weight - eps``); True when some
+    channels are negative, which then also flip the sign of x (``(-x - mean(-x)) * |w| = (x - mean) * w``).
+    One host synchronisation (the answer depends on the values)."""
+    smallest_magnitude, smallest = torch.stack([weight.detach().abs().min(), weight.detach().min()]).tolist()
+    if not smallest_magnitude > eps:
+        return None
+    return smallest < 0
+
+
+def signed_weight_activated_batch_norm(x, weight, bias, eps: float, negative_slope: float, flip: bool, *,
+                                       backend=None):
+    """``leaky_relu(batch_norm(x, weight, bias))`` with BatchNorm's signed weight, given
+    ``flip = signed_weight_plan(weight, eps)`` (not None). The op's scale ``|weight - eps| + eps``
+    equals ``|weight|`` up to one rounding; autograd carries the gradients through the conversion (and
+    through the sign flip, whose x * sign pass only negative weights pay for)."""
+    scale_weight = weight.abs() - eps
+    if not flip:
+        return _activated_batch_norm(x, scale_weight, bias, float(eps), float(negative_slope), backend)
+    sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
+    y, mean, var = _activated_batch_norm(x * sign, scale_weight, bias, float(eps), float(negative_slope), backend)
+    return y, mean * sign.view(-1).to(mean.dtype), var

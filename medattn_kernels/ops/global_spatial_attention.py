@@ -2,6 +2,7 @@
 
 Autograd saves only the inputs: the backward recomputes the per-pixel gate (one channel sum) instead
 of keeping a [B,1,H,W] gate or the [B,C,H,W] products, so nothing beyond x (and y) is kept.
+1-D and 3-D maps reach the 4-D kernels as views (_checks.as_4d_map): the gate is per pixel.
 GPU: Triton only (a memory-bound elementwise-plus-reduction kernel gains nothing from CUDA C++).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._checks import check_floating, check_like, check_tensor
+from ._checks import as_4d_map, check_floating, check_like, check_spatial_map
 from ._registry import FusedOp, needs_grad
 
 
@@ -64,18 +65,19 @@ def global_spatial_attention(x: torch.Tensor, y: Optional[torch.Tensor] = None, 
     same of ``y`` when given (the sum of DIFM's two branches, fused into one pass).
 
     Args:
-        x: ``[B, C, H, W]`` floating tensor, NCHW or channels_last (the output keeps channels_last).
+        x: ``[B, C, *spatial]`` floating tensor with 1 to 3 spatial dims (``[B, C, L]``, ``[B, C, H, W]``,
+            ``[B, C, D, H, W]``), contiguous or channels_last(_3d) (the output keeps channels_last).
         y: optional second map of x's shape, dtype and device.
         backend: ``None`` (fastest available), ``"reference"``, ``"cpu"`` or ``"triton"``.
     """
-    check_tensor(x, "x", 4, "[B, C, H, W]")
+    check_spatial_map(x, "x")
     check_floating(x, "x")
     if y is not None:
-        check_tensor(y, "y", 4, "[B, C, H, W]")
+        check_spatial_map(y, "y")
         check_like(y, "y", x, "x")
         if y.shape != x.shape:
             raise ValueError(f"y: expected shape {tuple(x.shape)} (as x), got {tuple(y.shape)}")
     chosen = SPEC.resolve(backend, x, "x")
     if chosen == "reference":
         return reference.global_spatial_attention(x, y)
-    return SPEC.run(chosen, x, y)
+    return SPEC.run(chosen, as_4d_map(x), None if y is None else as_4d_map(y)).view(x.shape)
