@@ -8,7 +8,7 @@ import torch
 import medattn_kernels as mk
 from medattn_kernels import reference
 from medattn_kernels.testing import (TF32_TOLERANCE, TOLERANCES, as_float64_leaves, assert_close_to_reference, grads_of, make_tensor,
-                                     rel_error, saved_tensor_bytes)
+                                     saved_tensor_bytes)
 
 from conftest import triton_device
 

@@ -11,7 +11,6 @@ import medattn_kernels as mk
 from medattn_kernels import reference
 from medattn_kernels.nn import DepthwiseConv2d, LargeKernelDWConv2d
 from medattn_kernels.ops.depthwise_conv2d import choose_gpu
-from medattn_kernels.patch import patch
 from medattn_kernels.testing import (as_float64_leaves, assert_close_to_reference, grads_of, make_tensor,
                                      saved_tensor_bytes, sum_tolerance)
 

@@ -85,7 +85,7 @@ def summary(rows: List[Dict[str, object]], cap_gib: float, compare_size: int = 5
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
-    header = f"| variant | size | ok | kept for backward GiB | peak RSS GiB | step rise GiB | step s |"
+    header = "| variant | size | ok | kept for backward GiB | peak RSS GiB | step rise GiB | step s |"
     lines = [header, "|---|---:|:-:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("ok"):

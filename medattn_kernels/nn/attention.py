@@ -5,7 +5,7 @@ to heads over the H*W tokens, a fused attention op, and a 1x1-conv projection ba
 contiguous q/k/v instead of the naive reference: the best a PyTorch user has, the benchmarks' baseline."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
