@@ -141,6 +141,40 @@ def test_cpu_many_blocks_one_head():
         torch.set_num_threads(threads)
 
 
+def token_view(b, h, n, d, dtype=torch.float32):
+    """[B, H, N, D] view of a [B, H, D, N] buffer, as `nn.attention.to_tokens` makes of a conv's map: tokens
+    stride 1, channels stride N (the kernels pack it channel-major without a transpose)."""
+    return make_tensor((b, h, d, n), dtype).transpose(-1, -2).requires_grad_()
+
+
+@pytest.mark.parametrize("d", [16, 48])
+def test_cpu_float32_many_blocks_token_views(d):
+    """float32 (the vector kernels' fast path, unlike the float64 test above) over several query / key
+    blocks and their tails (700 x 530 against 64-row, 128 / 256-key blocks), one head (stripes with 2
+    threads), small head dims, Dv != D, on the token views of a U-Net's maps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        na, nb, dv = 700, 530, d // 2 + 4
+        q, k, v, g = token_view(1, 1, na, d), token_view(1, 1, nb, d), token_view(1, 1, nb, dv), \
+            make_tensor((1, 1, na), requires_grad=True, low=-3, high=3)
+        q64, k64, v64, g64 = as_float64_leaves([q, k, v, g])
+        out = mk.cross_attention(q, k, v, None, g, backend="cpu")
+        check_grads(out, reference.cross_attention(q64, k64, v64, None, g64), [q, k, v, g], [q64, k64, v64, g64],
+                    torch.float32, ["q", "k", "v", "gate"])
+        bi = [token_view(1, 1, n, c) for n, c in ((na, d), (na, d), (na, dv), (nb, d), (nb, d), (nb, d))]
+        bi64 = as_float64_leaves(bi)
+        outs = mk.bidirectional_cross_attention(*bi, backend="cpu")
+        check_grads(outs, reference.bidirectional_cross_attention(*bi64), bi, bi64, torch.float32,
+                    ["q_a", "k_a", "v_a", "q_b", "k_b", "v_b"])
+        tied = [token_view(1, 1, n, c) for n, c in ((na, d), (na, dv), (nb, d), (nb, d))]
+        tied64 = as_float64_leaves(tied)
+        outs, refs = mk.tied_cross_attention(*tied, backend="cpu"), reference.tied_cross_attention(*tied64)
+        check_grads(outs, refs, tied, tied64, torch.float32, ["r_a", "v_a", "r_b", "v_b"])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_tied_matches_materialised_row_and_column_softmax():
     r_a, v_a, r_b, v_b = (t.detach() for t in tied_inputs((45, 61, 24, 16, 32), torch.float64, b=1, h=2))
     # Oracles first (csrc/tests/test_cross_attention.cpp says why: a float64 at::logsumexp right after the

@@ -1,102 +1,239 @@
 // Fused cross-image attention on CPU, flash-attention style (design.md section 2, "Attention").
 //
-// Every op works on one [B, H, N, D] problem per (batch, head) pair, blocked over queries (rows, kBlockQ)
-// and keys (columns, kBlockK). A block's scores S = scale Q_i K_j^T live in a small buffer that stays in
-// L2; the forward keeps a running max / sum per row (online softmax) and saves lse = max + log(sum); the
-// backward recomputes S from lse block by block. Nothing N x N is ever allocated.
+// Every op works on one [B, H, N, D] problem per (batch, head) pair, blocked over queries (rows) and keys
+// (columns). A block's scores S = scale Q_i K_j^T live in a small buffer that stays in L1/L2; the forward
+// keeps a running max / sum per row (online softmax) and saves lse = max + log(sum); the backward
+// recomputes S from lse block by block. Nothing N x N is ever allocated.
 //
-// Where the time goes: the block products (S = QK^T, PV, and in the backward dP, dV, dK, dQ) are
-// GEMMs with K = D or K = block size; they run through MKL's sgemm/dgemm (exported by libtorch_cpu)
-// called directly on raw pointers, which costs nothing per call, unlike at::mm on from_blob views
-// (the call falls back to a plain loop where the BLAS symbols are missing). Large key blocks (512)
-// keep MKL near its peak and make the online-softmax rescaling negligible. The other cost is one
-// exp per score (two for the tied op): the branch-free Cody-Waite + Cephes polynomial exp of
-// medattn/vec_math.h on this ISA pass's vectors, 1e-7 relative error, NaN-propagating, exactly 0 below e^-87.3.
+// Block products. Each (query block, key block) pair costs 2 products forward (S, P V) and 5 backward (S,
+// dP, dV, dK, dQ), with one dimension that is the head dim (16 to 96 in the networks) and two that are
+// block sizes. They run on the register-blocked microkernel of medattn/tile_gemm.h, not BLAS: at these
+// shapes a BLAS call spends a large share of its time packing operands and scaling C (measured: MKL's
+// sgemm at K = 16 reaches ~75% of the microkernel's rate on a Zen 4, ~90% at K = 96). Instead every
+// operand is packed ONCE per (batch, head) into the layout the microkernel reads: B operands row-major with
+// whole padded vectors (K^T and V^T over keys, V, K, Q and dO over channels), A operands "column-major"
+// (Q^T, dO^T: the MR broadcasts of a k step are adjacent floats) or a block buffer with a compile-time
+// leading dimension. Packing also reads any strides, so the strided token views a U-Net produces
+// ([B, C, H, W] seen as [B, heads, H*W, d]) cost nothing extra, and bfloat16 is converted once on entry.
+// Leading dimensions are padded off multiples of 128 bytes (padded_ld): a k step reads one vector from
+// each of K rows of a block, and power-of-two strides put them in a few L1 sets (measured: -25% on AVX2).
+//
+// The other cost is one exp per score (two for the tied op): the branch-free Cody-Waite + Cephes polynomial
+// of medattn/vec_math.h on this ISA pass's vectors, 1e-7 relative error, NaN-propagating.
 //
 // Parallelism and determinism (no atomics): the forward is parallel over (problem, batch x head, query
-// block) items that own their outputs. Backward and the tied forward accumulate column-indexed results
-// (dK, dV; the column softmax state) across query blocks, so their items are (problem, batch x head,
-// stripe of query blocks): stripe 0 accumulates into the output and stripes 1..G-1 into private
-// buffers that are then added in stripe order. G = ceil(threads / items without stripes), so G = 1 (no
-// buffers) whenever batch x heads x problems already feeds every thread. Results are bit-identical run
-// to run for a given thread count.
+// block) items that own their outputs. The backward and the tied forward accumulate column-indexed
+// results (dK, dV; the column softmax state) across query blocks, so their items are (problem, batch x
+// head, stripe of query blocks), each stripe accumulating into its own buffer; the stripes are added in
+// stripe order afterwards. G = ceil(threads / items without stripes), so G = 1 whenever batch x heads x
+// problems already feeds every thread. Results are bit-identical run to run for a given thread count.
 //
-// bfloat16 inputs are computed in float32 (converted once on entry); float64 runs in double with
-// std::exp (the test oracle path).
+// float64 runs the same code in double with std::exp (the test oracle path).
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
-#include "medattn/vec_math.h"  // exp_nonpositive, lane_sum, lane_max
+#include "medattn/tile_gemm.h"  // tile_gemm
+#include "medattn/vec_math.h"   // exp_nonpositive, lane_sum, lane_max
 
 #include <algorithm>
-#include <type_traits>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
-
-extern "C" {
-// Fortran BLAS (column-major, 32-bit ints): MKL's, exported by libtorch_cpu in the x86 wheels. Weak, so
-// the extension still loads against a torch without them (then `gemm` below uses its plain loop).
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace medattn {
 namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
-// Measured on a 2-core AVX-512 machine (N = 3136, D = 96): 256 x 512 forward blocks keep MKL at about
-// 80% of its large-GEMM rate; 64-row blocks lose a third.
-constexpr int64_t kBlockQ = 256;   // query rows per block (forward items and backward block rows)
-constexpr int64_t kBlockK = 512;   // keys per block in the forward
-constexpr int64_t kBlockKB = 256;  // keys per block in the backward (four score-sized buffers live at once)
-
-// ------------------------------------------------------------------------------------------ GEMM
-// Row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C. A row-major matrix is the column-major
-// matrix of its transpose, so the call computes C^T = op(B)^T op(A)^T: same flags, operands swapped.
-template <typename T>
-void blas_call(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
-               int ldc);
-template <>
-void blas_call<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
-                      int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-template <>
-void blas_call<double>(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
-                       int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-template <typename T>
-bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
-  else return dgemm_ != nullptr;
-}
+// Query rows x keys per block. Forward: a 64 x 256 score block (64 KiB, in L2) amortises the per-block
+// row-state updates over 256 keys; backward: two 64 x 128 blocks (S / P and dP / dS). 64 query rows are
+// the k dimension of the dK and dV products, which load and store their output tile once per 64 steps.
+#ifndef TUNE_FR
+#define TUNE_FR 64
+#define TUNE_FK 256
+#define TUNE_BR 64
+#define TUNE_BK 128
+#endif
+constexpr int64_t kFwdRows = TUNE_FR;
+constexpr int64_t kFwdKeys = TUNE_FK;
+constexpr int64_t kBwdRows = TUNE_BR;
+constexpr int64_t kBwdKeys = TUNE_BK;
 
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K > 0 && have_blas<T>()) {
-    blas_call<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', static_cast<int>(N), static_cast<int>(M),
-                 static_cast<int>(K), alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda), beta, C,
-                 static_cast<int>(ldc));
-    return;
-  }
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < N; ++j) {
-      T acc = 0;
-      for (int64_t p = 0; p < K; ++p)
-        acc += (trans_a ? A[p * lda + i] : A[i * lda + p]) * (trans_b ? B[j * ldb + p] : B[p * ldb + j]);
-      C[i * ldc + j] = beta == T(0) ? alpha * acc : alpha * acc + beta * C[i * ldc + j];
+constexpr int64_t kVec = Vectorized<T>::size();
+
+// n rounded up to whole vectors.
+template <typename T>
+constexpr int64_t vec_ceil(int64_t n) {
+  return (n + kVec<T> - 1) / kVec<T> * kVec<T>;
+}
+
+// A leading dimension for n elements per row: whole vectors, and not a multiple of 128 bytes (see top).
+template <typename T>
+constexpr int64_t padded_ld(int64_t n) {
+  const int64_t ld = vec_ceil<T>(n);
+  return (ld * static_cast<int64_t>(sizeof(T))) % 128 == 0 ? ld + kVec<T> : ld;
+}
+
+template <typename T>
+constexpr int64_t kFwdLd = padded_ld<T>(kFwdKeys);
+template <typename T>
+constexpr int64_t kBwdLd = padded_ld<T>(kBwdKeys);
+
+// Scores live in base 2 (S = scale log2(e) q k^T, softmax with exp2): the exp then needs no Cody-Waite
+// reduction. The log-sum-exps the ops return are natural-log ones.
+template <typename T>
+constexpr T kLog2e = T(1.44269504088896340736);
+template <typename T>
+constexpr T kLn2 = T(0.69314718055994530942);
+
+inline int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
+
+// ------------------------------------------------------------------------------------------ layouts
+// A [B, H, N, C] tensor with any strides (T const for inputs).
+template <typename T>
+struct Tokens {
+  T* data = nullptr;
+  int64_t heads = 1, n = 0, c = 0, s_b = 0, s_h = 0, s_n = 0, s_c = 0;
+  T* head(int64_t bh) const { return data + (bh / heads) * s_b + (bh % heads) * s_h; }
+};
+
+template <typename T>
+Tokens<const T> tokens_in(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename T>
+Tokens<T> tokens_out(const at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Channel-major pack of one head (the K^T layout): dst[c * ld + i] = x[i, c] * f[i] (f = 1 when null) for
+// i < n, zeros for i in [n, ld).
+template <typename T>
+void pack_channel_major(const Tokens<const T>& x, int64_t bh, T* dst, int64_t ld, const T* f) {
+  const T* src = x.head(bh);
+  if (x.s_n == 1 && f == nullptr) {
+    for (int64_t c = 0; c < x.c; ++c) std::copy(src + c * x.s_c, src + c * x.s_c + x.n, dst + c * ld);
+  } else {
+    constexpr int64_t kTile = 32;  // tokens per pass: their rows stay in L1 while the channels are walked
+    for (int64_t i0 = 0; i0 < x.n; i0 += kTile) {
+      const int64_t i1 = std::min(x.n, i0 + kTile);
+      for (int64_t c = 0; c < x.c; ++c) {
+        T* row = dst + c * ld;
+        for (int64_t i = i0; i < i1; ++i) row[i] = src[i * x.s_n + c * x.s_c] * (f != nullptr ? f[i] : T(1));
+      }
     }
   }
+  for (int64_t c = 0; c < x.c; ++c) std::fill(dst + c * ld + x.n, dst + (c + 1) * ld, T(0));
 }
 
+// Token-major pack of one head: dst[i * ld + c] = x[i, c] * f[i] for c < C, zeros for c in [C, ld).
+template <typename T>
+void pack_token_major(const Tokens<const T>& x, int64_t bh, T* dst, int64_t ld, const T* f) {
+  const T* src = x.head(bh);
+  if (x.s_c == 1) {
+    for (int64_t i = 0; i < x.n; ++i) {
+      const T fi = f != nullptr ? f[i] : T(1);
+      for (int64_t c = 0; c < x.c; ++c) dst[i * ld + c] = src[i * x.s_n + c] * fi;
+    }
+  } else {
+    constexpr int64_t kTile = 32;
+    for (int64_t i0 = 0; i0 < x.n; i0 += kTile) {
+      const int64_t i1 = std::min(x.n, i0 + kTile);
+      for (int64_t c = 0; c < x.c; ++c)
+        for (int64_t i = i0; i < i1; ++i) dst[i * ld + c] = src[i * x.s_n + c * x.s_c] * (f != nullptr ? f[i] : T(1));
+    }
+  }
+  for (int64_t i = 0; i < x.n; ++i) std::fill(dst + i * ld + x.c, dst + (i + 1) * ld, T(0));
+}
+
+// One packing of one tensor for every head: per_head elements per (batch, head) at dst + bh * per_head.
+template <typename T>
+struct Pack {
+  const Tokens<const T>* src;
+  T* dst;
+  int64_t ld;
+  bool channel_major;
+  const T* factor = nullptr;  // [BH, n] row factors, or null
+  int64_t per_head() const { return channel_major ? src->c * ld : src->n * ld; }
+};
+
+// Runs every pack for every head, in parallel over (pack, head).
+template <typename T>
+void run_packs(const std::vector<Pack<T>>& packs, int64_t bh_count) {
+  at::parallel_for(0, static_cast<int64_t>(packs.size()) * bh_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const Pack<T>& p = packs[item / bh_count];
+      const int64_t bh = item % bh_count;
+      T* dst = p.dst + bh * p.per_head();
+      const T* f = p.factor != nullptr ? p.factor + bh * p.src->n : nullptr;
+      if (p.channel_major)
+        pack_channel_major(*p.src, bh, dst, p.ld, f);
+      else
+        pack_token_major(*p.src, bh, dst, p.ld, f);
+    }
+  });
+}
+
+// Rows [i0, i0 + nr) of one head of x: x[i0 + r, c] = src[r * ld + c] * f[r] (f = 1 when null), c < C.
+template <typename T>
+void store_rows(const Tokens<T>& x, int64_t bh, int64_t i0, int64_t nr, const T* src, int64_t ld, const T* f) {
+  T* dst = x.head(bh) + i0 * x.s_n;
+  if (x.s_c == 1) {
+    for (int64_t r = 0; r < nr; ++r) {
+      const T fr = f != nullptr ? f[r] : T(1);
+      for (int64_t c = 0; c < x.c; ++c) dst[r * x.s_n + c] = src[r * ld + c] * fr;
+    }
+  } else {
+    for (int64_t c = 0; c < x.c; ++c)
+      for (int64_t r = 0; r < nr; ++r) dst[r * x.s_n + c * x.s_c] = src[r * ld + c] * (f != nullptr ? f[r] : T(1));
+  }
+}
+
+// Adds the stripes' [BH, n, ld] accumulators ([G, BH, n, ld] at acc) in stripe order and stores the sums
+// into x (any strides), in parallel over (head, block of rows).
+template <typename T>
+void store_stripe_sums(const Tokens<T>& x, const T* acc, int64_t stripes, int64_t bh_count, int64_t ld) {
+  constexpr int64_t kRows = 64;
+  const int64_t row_blocks = blocks(x.n, kRows), per_stripe = bh_count * x.n * ld;
+  at::parallel_for(0, bh_count * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(stripes > 1 ? kRows * ld : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / row_blocks, i0 = (item % row_blocks) * kRows, nr = std::min(kRows, x.n - i0);
+      const T* first = acc + (bh * x.n + i0) * ld;
+      if (stripes == 1) {
+        store_rows(x, bh, i0, nr, first, ld, static_cast<const T*>(nullptr));
+        continue;
+      }
+      std::copy(first, first + nr * ld, sum.begin());
+      for (int64_t g = 1; g < stripes; ++g) {
+        const T* part = first + g * per_stripe;
+        for (int64_t e = 0; e < nr * ld; ++e) sum[e] += part[e];
+      }
+      store_rows(x, bh, i0, nr, sum.data(), ld, static_cast<const T*>(nullptr));
+    }
+  });
+}
+
+// rowsum(dO * out) per token of every head: [BH, n].
+template <typename T>
+void row_dots(const Tokens<const T>& grad, const Tokens<const T>& out, int64_t bh_count, T* delta) {
+  at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const T* g = grad.head(bh);
+      const T* o = out.head(bh);
+      T* d = delta + bh * grad.n;
+      for (int64_t i = 0; i < grad.n; ++i) {
+        T acc = 0;
+        for (int64_t c = 0; c < grad.c; ++c) acc += g[i * grad.s_n + c * grad.s_c] * o[i * out.s_n + c * out.s_c];
+        d[i] = acc;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ softmax pieces
 // The softmax loops run on at::vec::Vectorized<T> (this pass's register width; medattn/vec_math.h) over
 // whole vectors, and on scalars over the tail of a row.
 
@@ -109,37 +246,16 @@ T exp_sub_sum(T* __restrict x, int64_t n, T m) {
   V sum(T(0));
   int64_t c = 0;
   for (; c + W <= n; c += W) {
-    const V e = exp_nonpositive(V::loadu(x + c) - mv);
+    const V e = exp2_nonpositive(V::loadu(x + c) - mv);
     e.store(x + c);
     sum = sum + e;
   }
   T total = lane_sum(sum);
   for (; c < n; ++c) {
-    x[c] = exp_nonpositive(x[c] - m);
+    x[c] = exp2_nonpositive(x[c] - m);
     total += x[c];
   }
   return total;
-}
-
-// dst[c] = exp(src[c] - sub[c]) (the column softmax of the tied op: one max / lse per column).
-template <typename T>
-void exp_sub_vec(T* __restrict dst, const T* __restrict src, const T* __restrict sub, int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  int64_t c = 0;
-  for (; c + W <= n; c += W) exp_nonpositive(V::loadu(src + c) - V::loadu(sub + c)).store(dst + c);
-  for (; c < n; ++c) dst[c] = exp_nonpositive(src[c] - sub[c]);
-}
-
-// x[c] = exp(x[c] - m) (the backward's probabilities from the saved log-sum-exp).
-template <typename T>
-void exp_sub(T* __restrict x, int64_t n, T m) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const V mv(m);
-  int64_t c = 0;
-  for (; c + W <= n; c += W) exp_nonpositive(V::loadu(x + c) - mv).store(x + c);
-  for (; c < n; ++c) x[c] = exp_nonpositive(x[c] - m);
 }
 
 // Max ignoring NaN (a NaN score still reaches the output through exp(NaN - max)): a lane takes x only
@@ -159,11 +275,30 @@ T row_max(const T* __restrict x, int64_t n) {
   return m;
 }
 
+// Backward of a row softmax over one block row: p = exp(s - lse) in place of s, ds = p (dp - delta) in
+// place of dp.
+template <typename T>
+void softmax_grad_row(T* __restrict s, T* __restrict dp, int64_t n, T lse, T delta) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V lv(lse), dv(delta);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V p = exp2_nonpositive(V::loadu(s + c) - lv);
+    p.store(s + c);
+    (p * (V::loadu(dp + c) - dv)).store(dp + c);
+  }
+  for (; c < n; ++c) {
+    s[c] = exp2_nonpositive(s[c] - lse);
+    dp[c] = s[c] * (dp[c] - delta);
+  }
+}
+
 // exp(old - new) for the online softmax; 1 when both are the same infinity (nothing seen yet, or a
 // row of -inf scores, whose NaN the exps of the scores themselves produce as softmax does).
 template <typename T>
 T rescale_factor(T old_max, T new_max) {
-  return old_max == new_max ? T(1) : std::exp(old_max - new_max);
+  return old_max == new_max ? T(1) : std::exp2(old_max - new_max);
 }
 
 template <typename T>
@@ -173,350 +308,559 @@ T sigmoid(T x) {
 
 // ------------------------------------------------------------------------------------------ online softmax
 // Row state of the online softmax of nr query rows over key blocks: running max m[r], running sum l[r]
-// and the unnormalised output acc[r, :dv] = sum_j exp(s_rj - m[r]) v_j.
+// and the unnormalised output acc[r, :dvp] = sum_j exp(s_rj - m[r]) v_j.
 template <typename T>
-void online_softmax_start(int64_t nr, int64_t dv, std::vector<T>& m, std::vector<T>& l, std::vector<T>& acc) {
-  std::fill(acc.begin(), acc.begin() + nr * dv, T(0));
-  std::fill(m.begin(), m.begin() + nr, -std::numeric_limits<T>::infinity());
-  std::fill(l.begin(), l.begin() + nr, T(0));
-}
-
-// Folds one block of scores [nr, nc] (overwritten by exp(s - new max)) and its values v [nc, dv] into
-// the row state: rescale l and acc by exp(old max - new max), then acc += P v.
-template <typename T>
-void online_softmax_update(T* scores, int64_t nr, int64_t nc, const T* v, int64_t dv, std::vector<T>& m,
-                           std::vector<T>& l, std::vector<T>& acc) {
-  for (int64_t r = 0; r < nr; ++r) {
-    T* row = scores + r * nc;
-    const T mx = row_max(row, nc);
-    const T m_new = mx > m[r] ? mx : m[r];
-    const T alpha = rescale_factor(m[r], m_new);
-    // one rounding (fma), as GCC contracted the inline expression: pinned so that results do not depend on inlining
-    l[r] = std::fma(l[r], alpha, exp_sub_sum(row, nc, m_new));
-    if (alpha != T(1)) {
-      T* a = acc.data() + r * dv;
-      for (int64_t c = 0; c < dv; ++c) a[c] *= alpha;
-    }
-    m[r] = m_new;
+struct RowState {
+  std::vector<T> m, l, acc;
+  RowState(int64_t rows, int64_t dvp) : m(rows), l(rows), acc(rows * dvp) {}
+  void start(int64_t nr, int64_t dvp) {
+    std::fill(acc.begin(), acc.begin() + nr * dvp, T(0));
+    std::fill(m.begin(), m.begin() + nr, -std::numeric_limits<T>::infinity());
+    std::fill(l.begin(), l.begin() + nr, T(0));
   }
-  gemm<T>(false, false, nr, dv, nc, T(1), scores, nc, v, dv, T(1), acc.data(), dv);
-}
-
-// out[r] = acc[r] / l[r] (* sigmoid(gate[r]) where gate is given), lse[r] = m[r] + log l[r].
-template <typename T>
-void online_softmax_finish(int64_t nr, int64_t dv, const std::vector<T>& m, const std::vector<T>& l,
-                           const std::vector<T>& acc, const T* gate, T* out, T* lse) {
-  for (int64_t r = 0; r < nr; ++r) {
-    // l == 0 only without keys (Nk = 0): softmax over nothing, an empty sum, gives zeros.
-    T factor = l[r] == T(0) ? T(0) : T(1) / l[r];
-    if (gate != nullptr) factor *= sigmoid(gate[r]);
-    for (int64_t c = 0; c < dv; ++c) out[r * dv + c] = acc[r * dv + c] * factor;
-    lse[r] = m[r] + std::log(l[r]);
-  }
-}
-
-// ------------------------------------------------------------------------------------------ problems
-// One attention direction over all (batch, head) pairs: out = softmax(scale q k^T) v (* sigmoid(gate)).
-// Pointers are to contiguous [BH, N, D] data; stats (lse, delta) are [BH, Nq].
-template <typename T>
-struct Attention {
-  const T* q;
-  const T* k;
-  const T* v;
-  const T* gate;  // [BH, Nq] or null
-  int64_t nq, nk, d, dv;
-  T scale;
-  // forward outputs
-  T* out;
-  T* lse;  // written by the forward, read by the backward
-  // backward inputs / outputs
-  const T* grad_out;  // already multiplied by sigmoid(gate) when gated
-  const T* delta;     // rowsum(dO * out) per query
-  T* grad_q;
-  T* grad_k;
-  T* grad_v;
-  T* grad_k_partial;  // [G - 1, BH, nk, d]
-  T* grad_v_partial;  // [G - 1, BH, nk, dv]
-  int64_t stripes;
-  int64_t bh_count;
 };
 
-inline int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
+// Folds one block of scores [nr, nc] (row stride kLd; overwritten by exp(s - new max)) and its values
+// v [nc, dvp] into the row state: rescale l and acc by exp(old max - new max), then acc += P v.
+template <typename T, int64_t kLd>
+void online_softmax_update(T* scores, int64_t nr, int64_t nc, const T* v, int64_t dvp, RowState<T>& st) {
+  for (int64_t r = 0; r < nr; ++r) {
+    T* row = scores + r * kLd;
+    const T mx = row_max(row, nc);
+    const T m_new = mx > st.m[r] ? mx : st.m[r];
+    const T alpha = rescale_factor(st.m[r], m_new);
+    // one rounding (fma), pinned so that results do not depend on inlining
+    st.l[r] = std::fma(st.l[r], alpha, exp_sub_sum(row, nc, m_new));
+    if (alpha != T(1)) {
+      T* a = st.acc.data() + r * dvp;
+      for (int64_t c = 0; c < dvp; ++c) a[c] *= alpha;
+    }
+    st.m[r] = m_new;
+  }
+  tile_gemm<T, kLd, true>(nr, dvp, nc, T(1), scores, 1, v, dvp, st.acc.data(), dvp);
+}
+
+// out rows = acc / l (* sigmoid(gate)), lse = m + log l, for rows [i0, i0 + nr) of head bh.
+template <typename T>
+void online_softmax_finish(const RowState<T>& st, int64_t nr, int64_t dvp, const T* gate, const Tokens<T>& out,
+                           int64_t bh, int64_t i0, T* lse) {
+  T factor[kFwdRows];
+  for (int64_t r = 0; r < nr; ++r) {
+    // l == 0 only without keys (Nk = 0): softmax over nothing, an empty sum, gives zeros.
+    factor[r] = st.l[r] == T(0) ? T(0) : T(1) / st.l[r];
+    if (gate != nullptr) factor[r] *= sigmoid(gate[r]);
+    lse[r] = (st.m[r] + std::log2(st.l[r])) * kLn2<T>;
+  }
+  store_rows(out, bh, i0, nr, st.acc.data(), dvp, factor);
+}
 
 // The query blocks [first, second) of stripe `stripe` out of `stripes` over n query rows.
-inline std::pair<int64_t, int64_t> stripe_blocks(int64_t n, int64_t stripe, int64_t stripes) {
-  const int64_t nqb = blocks(n, kBlockQ);
+inline std::pair<int64_t, int64_t> stripe_blocks(int64_t n, int64_t rows, int64_t stripe, int64_t stripes) {
+  const int64_t nqb = blocks(n, rows);
   return {stripe * nqb / stripes, (stripe + 1) * nqb / stripes};
 }
 
-// Stripes of query blocks per (problem, bh) so that the backward has about one item per thread.
+// Stripes of query blocks per (problem, bh) so that a backward has about one item per thread.
 inline int64_t stripe_count(int64_t items, int64_t query_blocks) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (items >= threads || query_blocks <= 1) return 1;
   return std::min<int64_t>(query_blocks, (threads + items - 1) / items);
 }
 
+// ------------------------------------------------------------------------------------------ one direction
+// out = softmax(scale q k^T) v (* sigmoid(gate)) over all (batch, head) pairs; stats (lse, delta) are
+// [BH, Nq] contiguous. Packed operands per head (pack_attention), where ld_q / ld_k are padded token
+// counts and dp / dvp padded channel counts:
+//   qt  q^T [d, ld_q]  (A of S = Q K^T)            kt  k^T [d, ld_k]  (B of S)
+//   vr  v [nk, dvp]    (B of P V; forward)         vt  v^T [dv, ld_k] (B of dP = dO V^T)
+//   qr  q [nq, dp]     (B of dK += dS^T Q)         kr  k [nk, dp]     (B of dQ += dS K)
+//   gt  g^T [dv, ld_q] (A of dP)                   gr  g [nq, dvp]    (B of dV += P^T g)
+// with g = dO * sigmoid(gate) (the softmax's output gradient).
 template <typename T>
-void forward_block(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>& scores, std::vector<T>& acc,
-                   std::vector<T>& m, std::vector<T>& l) {
-  const int64_t nr = std::min(kBlockQ, p.nq - i0);
-  const T* q = p.q + (bh * p.nq + i0) * p.d;
-  const T* k = p.k + bh * p.nk * p.d;
-  const T* v = p.v + bh * p.nk * p.dv;
-  online_softmax_start(nr, p.dv, m, l, acc);
-  for (int64_t j0 = 0; j0 < p.nk; j0 += kBlockK) {
-    const int64_t nc = std::min(kBlockK, p.nk - j0);
-    T* s = scores.data();
-    gemm<T>(false, true, nr, nc, p.d, p.scale, q, p.d, k + j0 * p.d, p.d, T(0), s, nc);
-    online_softmax_update(s, nr, nc, v + j0 * p.dv, p.dv, m, l, acc);
+struct Attention {
+  Tokens<const T> q, k, v;
+  const T* gate = nullptr;  // [BH, nq] or null
+  int64_t bh_count = 0, nq = 0, nk = 0, d = 0, dv = 0;
+  T scale = 1, score_scale = 1;  // score_scale = scale log2(e): scores are kept in base 2
+  int64_t ld_q = 0, ld_k = 0, dp = 0, dvp = 0;
+  T *qt = nullptr, *kt = nullptr, *vr = nullptr, *vt = nullptr, *qr = nullptr, *kr = nullptr, *gt = nullptr,
+    *gr = nullptr;
+  // forward outputs
+  Tokens<T> out;
+  T* lse = nullptr;
+  // backward
+  Tokens<const T> grad_out;
+  const T* delta = nullptr;  // rowsum(dO * out)
+  Tokens<T> grad_q, grad_k, grad_v;
+  T *dk_acc = nullptr, *dv_acc = nullptr;  // [stripes, BH, nk, dp] / [.., dvp]
+  int64_t stripes = 1;
+};
+
+template <typename T>
+Attention<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  Attention<T> p;
+  p.q = tokens_in<T>(q);
+  p.k = tokens_in<T>(k);
+  p.v = tokens_in<T>(v);
+  p.bh_count = q.size(0) * q.size(1);
+  p.nq = q.size(2);
+  p.nk = k.size(2);
+  p.d = q.size(3);
+  p.dv = v.size(3);
+  p.scale = static_cast<T>(scale);
+  p.score_scale = static_cast<T>(scale * kLog2e<double>);
+  p.ld_q = padded_ld<T>(p.nq);
+  p.ld_k = padded_ld<T>(p.nk);
+  p.dp = vec_ceil<T>(p.d);
+  p.dvp = vec_ceil<T>(p.dv);
+  return p;
+}
+
+// Packs of the forward (backward = false) or the backward for all problems; returns the buffer that holds
+// them. For the backward, p.grad_out and `factors` (per problem: [BH, nq] row factors of dO, or null) are
+// read.
+template <typename T>
+at::Tensor pack_attention(std::vector<Attention<T>>& problems, bool backward, const std::vector<const T*>& factors,
+                          const at::TensorOptions& options) {
+  int64_t total = 0;
+  for (auto& p : problems) {
+    const int64_t per_head = backward ? p.d * p.ld_q + p.d * p.ld_k + p.dv * p.ld_k + p.nq * p.dp + p.nk * p.dp +
+                                            p.dv * p.ld_q + p.nq * p.dvp
+                                      : p.d * p.ld_q + p.d * p.ld_k + p.nk * p.dvp;
+    total += per_head * p.bh_count;
+  }
+  at::Tensor buffer = at::empty({total}, options);
+  T* next = buffer.mutable_data_ptr<T>();
+  auto take = [&next](int64_t n) {
+    T* at = next;
+    next += n;
+    return at;
+  };
+  std::vector<Pack<T>> packs;
+  for (size_t i = 0; i < problems.size(); ++i) {
+    auto& p = problems[i];
+    const int64_t bh = p.bh_count;
+    p.qt = take(bh * p.d * p.ld_q);
+    p.kt = take(bh * p.d * p.ld_k);
+    packs.push_back({&p.q, p.qt, p.ld_q, true});
+    packs.push_back({&p.k, p.kt, p.ld_k, true});
+    if (!backward) {
+      p.vr = take(bh * p.nk * p.dvp);
+      packs.push_back({&p.v, p.vr, p.dvp, false});
+      continue;
+    }
+    p.vt = take(bh * p.dv * p.ld_k);
+    p.qr = take(bh * p.nq * p.dp);
+    p.kr = take(bh * p.nk * p.dp);
+    p.gt = take(bh * p.dv * p.ld_q);
+    p.gr = take(bh * p.nq * p.dvp);
+    packs.push_back({&p.v, p.vt, p.ld_k, true});
+    packs.push_back({&p.q, p.qr, p.dp, false});
+    packs.push_back({&p.k, p.kr, p.dp, false});
+    packs.push_back({&p.grad_out, p.gt, p.ld_q, true, factors[i]});
+    packs.push_back({&p.grad_out, p.gr, p.dvp, false, factors[i]});
+  }
+  run_packs(packs, problems.empty() ? 0 : problems[0].bh_count);
+  return buffer;
+}
+
+// Forward of query rows [i0, i0 + kFwdRows) of head bh.
+template <typename T>
+void forward_rows(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>& scores, RowState<T>& st) {
+  const int64_t nr = std::min(kFwdRows, p.nq - i0);
+  const T* qt = p.qt + bh * p.d * p.ld_q + i0;
+  const T* kt = p.kt + bh * p.d * p.ld_k;
+  const T* vr = p.vr + bh * p.nk * p.dvp;
+  st.start(nr, p.dvp);
+  for (int64_t j0 = 0; j0 < p.nk; j0 += kFwdKeys) {
+    const int64_t nc = std::min(kFwdKeys, p.nk - j0);
+    tile_gemm<T, 1, false>(nr, vec_ceil<T>(nc), p.d, p.score_scale, qt, p.ld_q, kt + j0, p.ld_k, scores.data(), kFwdLd<T>);
+    online_softmax_update<T, kFwdLd<T>>(scores.data(), nr, nc, vr + j0 * p.dvp, p.dvp, st);
   }
   const T* gate = p.gate != nullptr ? p.gate + bh * p.nq + i0 : nullptr;
-  online_softmax_finish(nr, p.dv, m, l, acc, gate, p.out + (bh * p.nq + i0) * p.dv, p.lse + bh * p.nq + i0);
+  online_softmax_finish(st, nr, p.dvp, gate, p.out, bh, i0, p.lse + bh * p.nq + i0);
 }
 
 // Forward of one or two directions in one parallel_for over (problem, bh, query block).
 template <typename T>
-void forward_all(std::vector<Attention<T>>& problems, int64_t bh_count) {
+void forward_all(std::vector<Attention<T>>& problems, const at::TensorOptions& options) {
+  const at::Tensor packed = pack_attention(problems, false, {}, options);
   std::vector<int64_t> first_item{0};
-  for (auto& p : problems) first_item.push_back(first_item.back() + bh_count * blocks(p.nq, kBlockQ));
+  int64_t max_dvp = 0;
+  for (auto& p : problems) {
+    first_item.push_back(first_item.back() + p.bh_count * blocks(p.nq, kFwdRows));
+    max_dvp = std::max(max_dvp, p.dvp);
+  }
   at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
-    int64_t max_dv = 0;
-    for (auto& p : problems) max_dv = std::max(max_dv, p.dv);
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * max_dv), m(kBlockQ), l(kBlockQ);
+    std::vector<T> scores(kFwdRows * kFwdLd<T>);
+    RowState<T> st(kFwdRows, max_dvp);
     for (int64_t item = begin; item < end; ++item) {
       size_t pi = 0;
       while (item >= first_item[pi + 1]) ++pi;
       const Attention<T>& p = problems[pi];
-      const int64_t local = item - first_item[pi], nqb = blocks(p.nq, kBlockQ);
-      forward_block(p, local / nqb, (local % nqb) * kBlockQ, scores, acc, m, l);
-    }
-  });
-}
-
-// Where stripe `stripe` of (bh) accumulates a column-indexed [n, width] gradient: the output itself for
-// stripe 0, else its private slice of `partial` ([G - 1, BH, n, width]).
-template <typename T>
-T* stripe_target(T* output, T* partial, int64_t stripe, int64_t bh, int64_t bh_count, int64_t n, int64_t width) {
-  return stripe == 0 ? output + bh * n * width : partial + ((stripe - 1) * bh_count + bh) * n * width;
-}
-
-// Adds the stripes' partial sums into the output, in stripe order (deterministic).
-template <typename T>
-void reduce_stripes(T* output, const T* partial, int64_t stripes, int64_t total) {
-  if (stripes <= 1 || total == 0) return;
-  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t g = 1; g < stripes; ++g) {
-      const T* src = partial + (g - 1) * total;
-      for (int64_t e = begin; e < end; ++e) output[e] += src[e];
+      const int64_t local = item - first_item[pi], nqb = blocks(p.nq, kFwdRows);
+      forward_rows(p, local / nqb, (local % nqb) * kFwdRows, scores, st);
     }
   });
 }
 
 // Backward over the query blocks of one stripe of one (problem, bh). With P = exp(S - lse),
-// dP = dO V^T, dS = P (dP - delta): dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K.
+// dP = g V^T, dS = P (dP - delta): dV += P^T g, dK += scale dS^T Q, dQ += scale dS K.
 template <typename T>
 void backward_stripe(const Attention<T>& p, int64_t bh, int64_t stripe, std::vector<T>& probs,
-                     std::vector<T>& dprobs) {
-  const auto [b0, b1] = stripe_blocks(p.nq, stripe, p.stripes);
-  T* dk = stripe_target(p.grad_k, p.grad_k_partial, stripe, bh, p.bh_count, p.nk, p.d);
-  T* dv = stripe_target(p.grad_v, p.grad_v_partial, stripe, bh, p.bh_count, p.nk, p.dv);
-  const T* k = p.k + bh * p.nk * p.d;
-  const T* v = p.v + bh * p.nk * p.dv;
+                     std::vector<T>& dprobs, std::vector<T>& dq) {
+  constexpr int64_t kLd = kBwdLd<T>;
+  const auto [b0, b1] = stripe_blocks(p.nq, kBwdRows, stripe, p.stripes);
+  T* dk = p.dk_acc + (stripe * p.bh_count + bh) * p.nk * p.dp;
+  T* dv = p.dv_acc + (stripe * p.bh_count + bh) * p.nk * p.dvp;
+  std::fill(dk, dk + p.nk * p.dp, T(0));
+  std::fill(dv, dv + p.nk * p.dvp, T(0));
+  const T* kt = p.kt + bh * p.d * p.ld_k;
+  const T* kr = p.kr + bh * p.nk * p.dp;
+  const T* vt = p.vt + bh * p.dv * p.ld_k;
   for (int64_t qb = b0; qb < b1; ++qb) {
-    const int64_t i0 = qb * kBlockQ, nr = std::min(kBlockQ, p.nq - i0);
-    const T* q = p.q + (bh * p.nq + i0) * p.d;
-    const T* dout = p.grad_out + (bh * p.nq + i0) * p.dv;
+    const int64_t i0 = qb * kBwdRows, nr = std::min(kBwdRows, p.nq - i0);
+    const T* qt = p.qt + bh * p.d * p.ld_q + i0;
+    const T* qr = p.qr + (bh * p.nq + i0) * p.dp;
+    const T* gt = p.gt + bh * p.dv * p.ld_q + i0;
+    const T* gr = p.gr + (bh * p.nq + i0) * p.dvp;
     const T* lse = p.lse + bh * p.nq + i0;
     const T* delta = p.delta + bh * p.nq + i0;
-    T* dq = p.grad_q + (bh * p.nq + i0) * p.d;
-    for (int64_t j0 = 0; j0 < p.nk; j0 += kBlockKB) {
-      const int64_t nc = std::min(kBlockKB, p.nk - j0);
+    std::fill(dq.begin(), dq.begin() + nr * p.dp, T(0));
+    for (int64_t j0 = 0; j0 < p.nk; j0 += kBwdKeys) {
+      const int64_t nc = std::min(kBwdKeys, p.nk - j0), ncp = vec_ceil<T>(nc);
       T* pr = probs.data();
       T* ds = dprobs.data();
-      gemm<T>(false, true, nr, nc, p.d, p.scale, q, p.d, k + j0 * p.d, p.d, T(0), pr, nc);
-      gemm<T>(false, true, nr, nc, p.dv, T(1), dout, p.dv, v + j0 * p.dv, p.dv, T(0), ds, nc);
-      for (int64_t r = 0; r < nr; ++r) {
-        T* prow = pr + r * nc;
-        T* drow = ds + r * nc;
-        const T lr = lse[r], dr = delta[r];
-        exp_sub(prow, nc, lr);
-        for (int64_t c = 0; c < nc; ++c) drow[c] = prow[c] * (drow[c] - dr);
-      }
-      gemm<T>(true, false, nc, p.dv, nr, T(1), pr, nc, dout, p.dv, T(1), dv + j0 * p.dv, p.dv);
-      gemm<T>(true, false, nc, p.d, nr, p.scale, ds, nc, q, p.d, T(1), dk + j0 * p.d, p.d);
-      gemm<T>(false, false, nr, p.d, nc, p.scale, ds, nc, k + j0 * p.d, p.d, T(1), dq, p.d);
+      tile_gemm<T, 1, false>(nr, ncp, p.d, p.score_scale, qt, p.ld_q, kt + j0, p.ld_k, pr, kLd);
+      tile_gemm<T, 1, false>(nr, ncp, p.dv, T(1), gt, p.ld_q, vt + j0, p.ld_k, ds, kLd);
+      for (int64_t r = 0; r < nr; ++r) softmax_grad_row(pr + r * kLd, ds + r * kLd, nc, lse[r] * kLog2e<T>, delta[r]);
+      tile_gemm<T, 1, true>(nc, p.dvp, nr, T(1), pr, kLd, gr, p.dvp, dv + j0 * p.dvp, p.dvp);
+      tile_gemm<T, 1, true>(nc, p.dp, nr, p.scale, ds, kLd, qr, p.dp, dk + j0 * p.dp, p.dp);
+      tile_gemm<T, kLd, true>(nr, p.dp, nc, p.scale, ds, 1, kr + j0 * p.dp, p.dp, dq.data(), p.dp);
     }
+    store_rows(p.grad_q, bh, i0, nr, dq.data(), p.dp, static_cast<const T*>(nullptr));
   }
 }
 
 template <typename T>
-void backward_all(std::vector<Attention<T>>& problems, int64_t bh_count) {
+void backward_all(std::vector<Attention<T>>& problems, const std::vector<const T*>& factors,
+                  const at::TensorOptions& options) {
+  const at::Tensor packed = pack_attention(problems, true, factors, options);
+  std::vector<at::Tensor> accumulators;
   std::vector<int64_t> first_item{0};
-  for (auto& p : problems) first_item.push_back(first_item.back() + bh_count * p.stripes);
+  int64_t max_dp = 0;
+  for (auto& p : problems) {
+    p.stripes = stripe_count(static_cast<int64_t>(problems.size()) * p.bh_count, blocks(p.nq, kBwdRows));
+    accumulators.push_back(at::empty({p.stripes * p.bh_count * p.nk * (p.dp + p.dvp)}, options));
+    p.dk_acc = accumulators.back().template mutable_data_ptr<T>();
+    p.dv_acc = p.dk_acc + p.stripes * p.bh_count * p.nk * p.dp;
+    first_item.push_back(first_item.back() + p.bh_count * p.stripes);
+    max_dp = std::max(max_dp, p.dp);
+  }
   at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> probs(kBlockQ * kBlockKB), dprobs(kBlockQ * kBlockKB);
+    std::vector<T> probs(kBwdRows * kBwdLd<T>), dprobs(kBwdRows * kBwdLd<T>), dq(kBwdRows * max_dp);
     for (int64_t item = begin; item < end; ++item) {
       size_t pi = 0;
       while (item >= first_item[pi + 1]) ++pi;
       const Attention<T>& p = problems[pi];
       const int64_t local = item - first_item[pi];
-      backward_stripe(p, local / p.stripes, local % p.stripes, probs, dprobs);
+      backward_stripe(p, local / p.stripes, local % p.stripes, probs, dprobs, dq);
     }
   });
   for (auto& p : problems) {
-    reduce_stripes(p.grad_k, p.grad_k_partial, p.stripes, bh_count * p.nk * p.d);
-    reduce_stripes(p.grad_v, p.grad_v_partial, p.stripes, bh_count * p.nk * p.dv);
+    store_stripe_sums(p.grad_k, p.dk_acc, p.stripes, p.bh_count, p.dp);
+    store_stripe_sums(p.grad_v, p.dv_acc, p.stripes, p.bh_count, p.dvp);
   }
 }
 
 // ------------------------------------------------------------------------------------------ tied
 // S = scale r_a r_b^T [Na, Nb]; o_a = softmax_row(S) v_b, o_b = softmax_col(S)^T v_a. Each score block
 // feeds both: the row state (max, sum, o_a accumulator) of the current query block and the column state
-// of every key block, which lives for the whole stripe (stripe 0: in the outputs' places; others in
-// partial buffers merged afterwards with the log-sum-exp rule).
+// of every key block, which lives for the whole stripe in the stripe's own buffers, merged afterwards
+// with the log-sum-exp rule. Packed operands per head (ld_a / ld_b padded token counts, dp / dvap / dvbp
+// padded channel counts):
+//   rat r_a^T [d, ld_a]  rbt r_b^T [d, ld_b]  var v_a [na, dvap]  vbr v_b [nb, dvbp]      (forward)
+//   rat, rbt, rar r_a [na, dp], rbr r_b [nb, dp], vat v_a^T [dva, ld_a], vbt v_b^T [dvb, ld_b],
+//   gat dO_a^T [dvb, ld_a], gar dO_a [na, dvbp], gbt dO_b^T [dva, ld_b], gbr dO_b [nb, dvap]  (backward)
 template <typename T>
 struct Tied {
-  const T *ra, *va, *rb, *vb;
-  int64_t na, nb, d, dva, dvb, bh_count, stripes;
-  T scale;
-  T *oa, *ob, *lse_row, *lse_col;
-  // forward column state per stripe: [G, BH, nb] maxima and sums, [G, BH, nb, dva] accumulators
-  T *col_max, *col_sum, *col_acc;
+  Tokens<const T> ra, va, rb, vb, goa, gob;
+  int64_t bh_count = 0, na = 0, nb = 0, d = 0, dva = 0, dvb = 0, stripes = 1;
+  T scale = 1, score_scale = 1;  // as Attention
+  int64_t ld_a = 0, ld_b = 0, dp = 0, dvap = 0, dvbp = 0;
+  T *rat = nullptr, *rbt = nullptr, *var = nullptr, *vbr = nullptr, *rar = nullptr, *rbr = nullptr, *vat = nullptr,
+    *vbt = nullptr, *gat = nullptr, *gar = nullptr, *gbt = nullptr, *gbr = nullptr;
+  Tokens<T> oa, ob;
+  T *lse_row = nullptr, *lse_col = nullptr;
+  // forward column state per stripe: [G, BH, nb] maxima and sums, [G, BH, nb, dvap] accumulators
+  T *col_max = nullptr, *col_sum = nullptr, *col_acc = nullptr;
   // backward
-  const T *goa, *gob, *delta_row, *delta_col;
-  T *grad_ra, *grad_va, *grad_rb, *grad_vb, *grad_rb_partial, *grad_vb_partial;  // partials: [G - 1, BH, nb, .]
+  const T *delta_row = nullptr, *delta_col = nullptr;
+  Tokens<T> grad_ra, grad_va, grad_rb, grad_vb;
+  T *drb_acc = nullptr, *dvb_acc = nullptr;  // [G, BH, nb, dp] / [.., dvbp]
 };
 
 template <typename T>
+at::Tensor pack_tied(Tied<T>& p, bool backward, const at::TensorOptions& options) {
+  const int64_t per_head = backward ? p.d * (p.ld_a + p.ld_b) + p.dp * (p.na + p.nb) + p.dva * (p.ld_a + p.ld_b) +
+                                          p.dvb * (p.ld_a + p.ld_b) + p.na * p.dvbp + p.nb * p.dvap
+                                    : p.d * (p.ld_a + p.ld_b) + p.na * p.dvap + p.nb * p.dvbp;
+  at::Tensor buffer = at::empty({per_head * p.bh_count}, options);
+  T* next = buffer.mutable_data_ptr<T>();
+  auto take = [&next, &p](int64_t n) {
+    T* at = next;
+    next += n * p.bh_count;
+    return at;
+  };
+  p.rat = take(p.d * p.ld_a);
+  p.rbt = take(p.d * p.ld_b);
+  std::vector<Pack<T>> packs{{&p.ra, p.rat, p.ld_a, true}, {&p.rb, p.rbt, p.ld_b, true}};
+  if (!backward) {
+    p.var = take(p.na * p.dvap);
+    p.vbr = take(p.nb * p.dvbp);
+    packs.push_back({&p.va, p.var, p.dvap, false});
+    packs.push_back({&p.vb, p.vbr, p.dvbp, false});
+  } else {
+    p.rar = take(p.na * p.dp);
+    p.rbr = take(p.nb * p.dp);
+    p.vat = take(p.dva * p.ld_a);
+    p.vbt = take(p.dvb * p.ld_b);
+    p.gat = take(p.dvb * p.ld_a);
+    p.gar = take(p.na * p.dvbp);
+    p.gbt = take(p.dva * p.ld_b);
+    p.gbr = take(p.nb * p.dvap);
+    packs.insert(packs.end(), {{&p.ra, p.rar, p.dp, false},
+                               {&p.rb, p.rbr, p.dp, false},
+                               {&p.va, p.vat, p.ld_a, true},
+                               {&p.vb, p.vbt, p.ld_b, true},
+                               {&p.goa, p.gat, p.ld_a, true},
+                               {&p.goa, p.gar, p.dvbp, false},
+                               {&p.gob, p.gbt, p.ld_b, true},
+                               {&p.gob, p.gbr, p.dvap, false}});
+  }
+  run_packs(packs, p.bh_count);
+  return buffer;
+}
+
+// bm[c] = max(bm[c], row[c]) ignoring NaN (as row_max).
+template <typename T>
+void column_max(T* __restrict bm, const T* __restrict row, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V v = V::loadu(row + c), m = V::loadu(bm + c);
+    V::blendv(m, v, v > m).store(bm + c);
+  }
+  for (; c < n; ++c) bm[c] = row[c] > bm[c] ? row[c] : bm[c];
+}
+
+// dst[c] = exp(src[c] - sub[c]) (the column softmax: one max / lse per column).
+template <typename T>
+void exp_sub_vec(T* __restrict dst, const T* __restrict src, const T* __restrict sub, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t c = 0;
+  for (; c + W <= n; c += W) exp2_nonpositive(V::loadu(src + c) - V::loadu(sub + c)).store(dst + c);
+  for (; c < n; ++c) dst[c] = exp2_nonpositive(src[c] - sub[c]);
+}
+
+// One block row of the tied backward: p_row = exp(s - lse_row) in place of s, p_col = exp(s - lse_col[c])
+// into pc, dS = p_row (dp_row - delta_row) + p_col (dp_col - delta_col[c]) in place of dp_row.
+template <typename T>
+void tied_grad_row(T* __restrict s, T* __restrict pc, T* __restrict dpr, const T* __restrict dpc,
+                   const T* __restrict lse_col, const T* __restrict delta_col, int64_t n, T lse_row, T delta_row) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V lr(lse_row), dr(delta_row);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V sv = V::loadu(s + c);
+    const V pcol = exp2_nonpositive(sv - V::loadu(lse_col + c));
+    const V prow = exp2_nonpositive(sv - lr);
+    pcol.store(pc + c);
+    prow.store(s + c);
+    const V grad_col = pcol * (V::loadu(dpc + c) - V::loadu(delta_col + c));
+    at::vec::fmadd(prow, V::loadu(dpr + c) - dr, grad_col).store(dpr + c);
+  }
+  for (; c < n; ++c) {
+    pc[c] = exp2_nonpositive(s[c] - lse_col[c]);
+    s[c] = exp2_nonpositive(s[c] - lse_row);
+    dpr[c] = std::fma(s[c], dpr[c] - delta_row, pc[c] * (dpc[c] - delta_col[c]));
+  }
+}
+
+template <typename T>
 void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vector<T>& scores,
-                         std::vector<T>& col_probs, std::vector<T>& acc, std::vector<T>& m, std::vector<T>& l,
-                         std::vector<T>& col_block_max) {
-  const auto [b0, b1] = stripe_blocks(p.na, stripe, p.stripes);
+                         std::vector<T>& col_probs, RowState<T>& st, std::vector<T>& col_block_max) {
+  constexpr int64_t kLd = kFwdLd<T>;
+  const auto [b0, b1] = stripe_blocks(p.na, kFwdRows, stripe, p.stripes);
   const int64_t state = stripe * p.bh_count + bh;
   T* cmax = p.col_max + state * p.nb;
   T* csum = p.col_sum + state * p.nb;
-  T* cacc = p.col_acc + state * p.nb * p.dva;
+  T* cacc = p.col_acc + state * p.nb * p.dvap;
   std::fill(cmax, cmax + p.nb, -std::numeric_limits<T>::infinity());
   std::fill(csum, csum + p.nb, T(0));
-  std::fill(cacc, cacc + p.nb * p.dva, T(0));
-  const T* rb = p.rb + bh * p.nb * p.d;
-  const T* vb = p.vb + bh * p.nb * p.dvb;
+  std::fill(cacc, cacc + p.nb * p.dvap, T(0));
+  const T* rbt = p.rbt + bh * p.d * p.ld_b;
+  const T* vbr = p.vbr + bh * p.nb * p.dvbp;
   for (int64_t qb = b0; qb < b1; ++qb) {
-    const int64_t i0 = qb * kBlockQ, nr = std::min(kBlockQ, p.na - i0);
-    const T* ra = p.ra + (bh * p.na + i0) * p.d;
-    const T* va = p.va + (bh * p.na + i0) * p.dva;
-    online_softmax_start(nr, p.dvb, m, l, acc);
-    for (int64_t j0 = 0; j0 < p.nb; j0 += kBlockK) {
-      const int64_t nc = std::min(kBlockK, p.nb - j0);
+    const int64_t i0 = qb * kFwdRows, nr = std::min(kFwdRows, p.na - i0);
+    const T* rat = p.rat + bh * p.d * p.ld_a + i0;
+    const T* var = p.var + (bh * p.na + i0) * p.dvap;
+    st.start(nr, p.dvbp);
+    for (int64_t j0 = 0; j0 < p.nb; j0 += kFwdKeys) {
+      const int64_t nc = std::min(kFwdKeys, p.nb - j0);
       T* s = scores.data();
       T* pc = col_probs.data();
-      gemm<T>(false, true, nr, nc, p.d, p.scale, ra, p.d, rb + j0 * p.d, p.d, T(0), s, nc);
+      tile_gemm<T, 1, false>(nr, vec_ceil<T>(nc), p.d, p.score_scale, rat, p.ld_a, rbt + j0, p.ld_b, s, kLd);
       // column direction: new maxima, rescale the columns' state, exp against the column maxima
       T* bm = col_block_max.data();
       std::copy(cmax + j0, cmax + j0 + nc, bm);
-      for (int64_t r = 0; r < nr; ++r) {
-        const T* row = s + r * nc;
-        for (int64_t c = 0; c < nc; ++c) bm[c] = row[c] > bm[c] ? row[c] : bm[c];
-      }
+      for (int64_t r = 0; r < nr; ++r) column_max(bm, s + r * kLd, nc);
       for (int64_t c = 0; c < nc; ++c) {
         const T alpha = rescale_factor(cmax[j0 + c], bm[c]);
         cmax[j0 + c] = bm[c];
         if (alpha != T(1)) {
           csum[j0 + c] *= alpha;
-          T* a = cacc + (j0 + c) * p.dva;
-          for (int64_t e = 0; e < p.dva; ++e) a[e] *= alpha;
+          T* a = cacc + (j0 + c) * p.dvap;
+          for (int64_t e = 0; e < p.dvap; ++e) a[e] *= alpha;
         }
       }
-      for (int64_t r = 0; r < nr; ++r) exp_sub_vec(pc + r * nc, s + r * nc, bm, nc);
       for (int64_t r = 0; r < nr; ++r) {
-        const T* prow = pc + r * nc;
+        exp_sub_vec(pc + r * kLd, s + r * kLd, bm, nc);
+        const T* prow = pc + r * kLd;
         for (int64_t c = 0; c < nc; ++c) csum[j0 + c] += prow[c];
       }
-      gemm<T>(true, false, nc, p.dva, nr, T(1), pc, nc, va, p.dva, T(1), cacc + j0 * p.dva, p.dva);
+      tile_gemm<T, 1, true>(nc, p.dvap, nr, T(1), pc, kLd, var, p.dvap, cacc + j0 * p.dvap, p.dvap);
       // row direction: the ordinary online softmax
-      online_softmax_update(s, nr, nc, vb + j0 * p.dvb, p.dvb, m, l, acc);
+      online_softmax_update<T, kLd>(s, nr, nc, vbr + j0 * p.dvbp, p.dvbp, st);
     }
-    online_softmax_finish(nr, p.dvb, m, l, acc, static_cast<const T*>(nullptr), p.oa + (bh * p.na + i0) * p.dvb,
-                          p.lse_row + bh * p.na + i0);
+    online_softmax_finish(st, nr, p.dvbp, static_cast<const T*>(nullptr), p.oa, bh, i0, p.lse_row + bh * p.na + i0);
   }
 }
 
-// Merges the stripes' column states of columns [c0, c1) of one bh into o_b and lse_col.
+// Merges the stripes' column states of columns [c0, c0 + n) of one bh into o_b and lse_col.
 template <typename T>
-void tied_merge_columns(const Tied<T>& p, int64_t bh, int64_t c0, int64_t c1) {
-  for (int64_t c = c0; c < c1; ++c) {
+void tied_merge_columns(const Tied<T>& p, int64_t bh, int64_t c0, int64_t n, std::vector<T>& rows,
+                        std::vector<T>& factor) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = c0 + i;
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t g = 0; g < p.stripes; ++g) {
       const T mg = p.col_max[(g * p.bh_count + bh) * p.nb + c];
       mx = mg > mx ? mg : mx;
     }
     T sum = 0;
-    T* ob = p.ob + (bh * p.nb + c) * p.dva;
-    std::fill(ob, ob + p.dva, T(0));
+    T* ob = rows.data() + i * p.dvap;
+    std::fill(ob, ob + p.dvap, T(0));
     for (int64_t g = 0; g < p.stripes; ++g) {
       const int64_t state = (g * p.bh_count + bh) * p.nb + c;
       const T w = rescale_factor(p.col_max[state], mx);
       sum += p.col_sum[state] * w;
-      const T* a = p.col_acc + state * p.dva;
-      for (int64_t e = 0; e < p.dva; ++e) ob[e] += a[e] * w;
+      const T* a = p.col_acc + state * p.dvap;
+      for (int64_t e = 0; e < p.dvap; ++e) ob[e] += a[e] * w;
     }
-    const T inv = sum == T(0) ? T(0) : T(1) / sum;
-    for (int64_t e = 0; e < p.dva; ++e) ob[e] *= inv;
-    p.lse_col[bh * p.nb + c] = mx + std::log(sum);
+    factor[i] = sum == T(0) ? T(0) : T(1) / sum;
+    p.lse_col[bh * p.nb + c] = (mx + std::log2(sum)) * kLn2<T>;
   }
+  store_rows(p.ob, bh, c0, n, rows.data(), p.dvap, factor.data());
 }
 
-// With P_row = exp(S - lse_row), P_col = exp(S - lse_col):
+template <typename T>
+void tied_forward_all(Tied<T>& p, const at::TensorOptions& options) {
+  const at::Tensor packed = pack_tied(p, false, options);
+  const int64_t states = p.stripes * p.bh_count;
+  at::Tensor column_state = at::empty({states * p.nb * (2 + p.dvap)}, options);
+  p.col_max = column_state.mutable_data_ptr<T>();
+  p.col_sum = p.col_max + states * p.nb;
+  p.col_acc = p.col_sum + states * p.nb;
+  at::parallel_for(0, states, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kFwdRows * kFwdLd<T>), col_probs(kFwdRows * kFwdLd<T>), col_block_max(kFwdKeys);
+    RowState<T> st(kFwdRows, p.dvbp);
+    for (int64_t item = begin; item < end; ++item)
+      tied_forward_stripe(p, item / p.stripes, item % p.stripes, scores, col_probs, st, col_block_max);
+  });
+  constexpr int64_t kCols = 64;
+  const int64_t col_tiles = blocks(p.nb, kCols);
+  at::parallel_for(0, p.bh_count * col_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(kCols * p.dvap), factor(kCols);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / col_tiles, c0 = (item % col_tiles) * kCols;
+      tied_merge_columns(p, bh, c0, std::min(kCols, p.nb - c0), rows, factor);
+    }
+  });
+}
+
+// With P_row = exp(S - lse_row), P_col = exp(S - lse_col) (in base 2; p.lse_col holds lse_col log2(e) here):
 //   dS = P_row (dO_a v_b^T - delta_row) + P_col (v_a dO_b^T - delta_col)
 //   dv_b += P_row^T dO_a, dv_a += P_col dO_b, dr_a += scale dS r_b, dr_b += scale dS^T r_a.
 template <typename T>
 void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vector<T>* buf) {
-  const auto [b0, b1] = stripe_blocks(p.na, stripe, p.stripes);
-  T* drb = stripe_target(p.grad_rb, p.grad_rb_partial, stripe, bh, p.bh_count, p.nb, p.d);
-  T* dvb = stripe_target(p.grad_vb, p.grad_vb_partial, stripe, bh, p.bh_count, p.nb, p.dvb);
-  const T* rb = p.rb + bh * p.nb * p.d;
-  const T* vb = p.vb + bh * p.nb * p.dvb;
-  const T* gob = p.gob + bh * p.nb * p.dva;
+  constexpr int64_t kLd = kBwdLd<T>;
+  const auto [b0, b1] = stripe_blocks(p.na, kBwdRows, stripe, p.stripes);
+  T* drb = p.drb_acc + (stripe * p.bh_count + bh) * p.nb * p.dp;
+  T* dvb = p.dvb_acc + (stripe * p.bh_count + bh) * p.nb * p.dvbp;
+  std::fill(drb, drb + p.nb * p.dp, T(0));
+  std::fill(dvb, dvb + p.nb * p.dvbp, T(0));
+  const T* rbt = p.rbt + bh * p.d * p.ld_b;
+  const T* rbr = p.rbr + bh * p.nb * p.dp;
+  const T* vbt = p.vbt + bh * p.dvb * p.ld_b;
+  const T* gbt = p.gbt + bh * p.dva * p.ld_b;
+  const T* gbr = p.gbr + bh * p.nb * p.dvap;
   const T* lse_col = p.lse_col + bh * p.nb;
   const T* delta_col = p.delta_col + bh * p.nb;
+  T* prow = buf[0].data();
+  T* pcol = buf[1].data();
+  T* ds = buf[2].data();
+  T* dpcol = buf[3].data();
+  T* dra = buf[4].data();
+  T* dva = buf[5].data();
   for (int64_t qb = b0; qb < b1; ++qb) {
-    const int64_t i0 = qb * kBlockQ, nr = std::min(kBlockQ, p.na - i0);
-    const T* ra = p.ra + (bh * p.na + i0) * p.d;
-    const T* va = p.va + (bh * p.na + i0) * p.dva;
-    const T* goa = p.goa + (bh * p.na + i0) * p.dvb;
+    const int64_t i0 = qb * kBwdRows, nr = std::min(kBwdRows, p.na - i0);
+    const T* rat = p.rat + bh * p.d * p.ld_a + i0;
+    const T* rar = p.rar + (bh * p.na + i0) * p.dp;
+    const T* vat = p.vat + bh * p.dva * p.ld_a + i0;
+    const T* gat = p.gat + bh * p.dvb * p.ld_a + i0;
+    const T* gar = p.gar + (bh * p.na + i0) * p.dvbp;
     const T* lse_row = p.lse_row + bh * p.na + i0;
     const T* delta_row = p.delta_row + bh * p.na + i0;
-    T* dra = p.grad_ra + (bh * p.na + i0) * p.d;
-    T* dva = p.grad_va + (bh * p.na + i0) * p.dva;
-    for (int64_t j0 = 0; j0 < p.nb; j0 += kBlockKB) {
-      const int64_t nc = std::min(kBlockKB, p.nb - j0);
-      T* prow = buf[0].data();
-      T* pcol = buf[1].data();
-      T* ds = buf[2].data();
-      T* dpcol = buf[3].data();
-      gemm<T>(false, true, nr, nc, p.d, p.scale, ra, p.d, rb + j0 * p.d, p.d, T(0), prow, nc);
-      gemm<T>(false, true, nr, nc, p.dvb, T(1), goa, p.dvb, vb + j0 * p.dvb, p.dvb, T(0), ds, nc);
-      gemm<T>(false, true, nr, nc, p.dva, T(1), va, p.dva, gob + j0 * p.dva, p.dva, T(0), dpcol, nc);
-      for (int64_t r = 0; r < nr; ++r) {
-        T* s = prow + r * nc;
-        T* pc = pcol + r * nc;
-        T* d = ds + r * nc;
-        const T* dc = dpcol + r * nc;
-        const T* lc = lse_col + j0;
-        const T* deltac = delta_col + j0;
-        const T lr = lse_row[r], deltar = delta_row[r];
-        exp_sub_vec(pc, s, lc, nc);
-        exp_sub(s, nc, lr);
-        for (int64_t c = 0; c < nc; ++c) d[c] = s[c] * (d[c] - deltar) + pc[c] * (dc[c] - deltac[c]);
-      }
-      gemm<T>(true, false, nc, p.dvb, nr, T(1), prow, nc, goa, p.dvb, T(1), dvb + j0 * p.dvb, p.dvb);
-      gemm<T>(false, false, nr, p.dva, nc, T(1), pcol, nc, gob + j0 * p.dva, p.dva, T(1), dva, p.dva);
-      gemm<T>(false, false, nr, p.d, nc, p.scale, ds, nc, rb + j0 * p.d, p.d, T(1), dra, p.d);
-      gemm<T>(true, false, nc, p.d, nr, p.scale, ds, nc, ra, p.d, T(1), drb + j0 * p.d, p.d);
+    std::fill(dra, dra + nr * p.dp, T(0));
+    std::fill(dva, dva + nr * p.dvap, T(0));
+    for (int64_t j0 = 0; j0 < p.nb; j0 += kBwdKeys) {
+      const int64_t nc = std::min(kBwdKeys, p.nb - j0), ncp = vec_ceil<T>(nc);
+      tile_gemm<T, 1, false>(nr, ncp, p.d, p.score_scale, rat, p.ld_a, rbt + j0, p.ld_b, prow, kLd);
+      tile_gemm<T, 1, false>(nr, ncp, p.dvb, T(1), gat, p.ld_a, vbt + j0, p.ld_b, ds, kLd);
+      tile_gemm<T, 1, false>(nr, ncp, p.dva, T(1), vat, p.ld_a, gbt + j0, p.ld_b, dpcol, kLd);
+      for (int64_t r = 0; r < nr; ++r)
+        tied_grad_row(prow + r * kLd, pcol + r * kLd, ds + r * kLd, dpcol + r * kLd, lse_col + j0, delta_col + j0, nc,
+                      lse_row[r] * kLog2e<T>, delta_row[r]);
+      tile_gemm<T, 1, true>(nc, p.dvbp, nr, T(1), prow, kLd, gar, p.dvbp, dvb + j0 * p.dvbp, p.dvbp);
+      tile_gemm<T, kLd, true>(nr, p.dvap, nc, T(1), pcol, 1, gbr + j0 * p.dvap, p.dvap, dva, p.dvap);
+      tile_gemm<T, kLd, true>(nr, p.dp, nc, p.scale, ds, 1, rbr + j0 * p.dp, p.dp, dra, p.dp);
+      tile_gemm<T, 1, true>(nc, p.dp, nr, p.scale, ds, kLd, rar, p.dp, drb + j0 * p.dp, p.dp);
     }
+    store_rows(p.grad_ra, bh, i0, nr, dra, p.dp, static_cast<const T*>(nullptr));
+    store_rows(p.grad_va, bh, i0, nr, dva, p.dvap, static_cast<const T*>(nullptr));
   }
 }
 
+template <typename T>
+void tied_backward_all(Tied<T>& p, const at::TensorOptions& options) {
+  const at::Tensor packed = pack_tied(p, true, options);
+  at::Tensor accumulators = at::empty({p.stripes * p.bh_count * p.nb * (p.dp + p.dvbp)}, options);
+  p.drb_acc = accumulators.mutable_data_ptr<T>();
+  p.dvb_acc = p.drb_acc + p.stripes * p.bh_count * p.nb * p.dp;
+  at::parallel_for(0, p.bh_count * p.stripes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf[6];
+    for (int i = 0; i < 4; ++i) buf[i].resize(kBwdRows * kBwdLd<T>);
+    buf[4].resize(kBwdRows * p.dp);
+    buf[5].resize(kBwdRows * p.dvap);
+    for (int64_t item = begin; item < end; ++item) tied_backward_stripe(p, item / p.stripes, item % p.stripes, buf);
+  });
+  store_stripe_sums(p.grad_rb, p.drb_acc, p.stripes, p.bh_count, p.dp);
+  store_stripe_sums(p.grad_vb, p.dvb_acc, p.stripes, p.bh_count, p.dvbp);
+}
 // ------------------------------------------------------------------------------------------ checks
 void check_tokens(const at::Tensor& t, const char* name) {
   check_rank(t, 4, name, "[B, H, N, D]");
@@ -563,36 +907,28 @@ void check_two_way_saved(const at::Tensor& x_a, const at::Tensor& v_a, const at:
               lse_b.sizes());
 }
 
-// Kernels compute in float (float32, bfloat16) or double (float64) on contiguous data.
+// Kernels compute in float (float32, bfloat16) or double (float64), on inputs with any strides.
 inline at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
-inline at::Tensor prep(const at::Tensor& t) { return t.to(compute_type(t)).contiguous(); }
+inline at::Tensor prep(const at::Tensor& t) { return t.to(compute_type(t)); }
 inline at::Tensor like_input(const at::Tensor& t, const at::Tensor& input) { return t.to(input.scalar_type()); }
+
+// A [B, H, n, c] output in the compute type with the token / channel order of `like`: the strided token
+// views of a [B, C, H, W] map (channels outer) get outputs of that layout, which turn back into a map
+// without a copy.
+at::Tensor tokens_like(const at::Tensor& like, int64_t n, int64_t c) {
+  const at::TensorOptions options = like.options().dtype(compute_type(like));
+  if (like.stride(2) == 1 && like.stride(3) != 1 && like.size(3) > 1)
+    return at::empty({like.size(0), like.size(1), c, n}, options).transpose(2, 3);
+  return at::empty({like.size(0), like.size(1), n, c}, options);
+}
+
+// A gradient for the compute-type input x, in x's layout.
+inline at::Tensor grad_like(const at::Tensor& x) { return at::empty_like(x); }
 
 inline double default_scale(std::optional<double> scale, int64_t d) {
   return scale.has_value() ? *scale : (d > 0 ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0);
-}
-
-template <typename T>
-Attention<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  Attention<T> p{};
-  p.q = q.const_data_ptr<T>();
-  p.k = k.const_data_ptr<T>();
-  p.v = v.const_data_ptr<T>();
-  p.nq = q.size(2);
-  p.nk = k.size(2);
-  p.d = q.size(3);
-  p.dv = v.size(3);
-  p.scale = static_cast<T>(scale);
-  p.bh_count = q.size(0) * q.size(1);
-  p.stripes = 1;
-  return p;
-}
-
-// rowsum(dO * out) per query, in the compute type.
-at::Tensor row_delta(const at::Tensor& grad_out, const at::Tensor& out) {
-  return (grad_out * out).sum(-1);
 }
 
 // ------------------------------------------------------------------------------------------ ops
@@ -606,19 +942,19 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_forward(const at::Tensor& q_i
     check_same(q_in, *gate_in, "q", "gate");
     TORCH_CHECK(gate_in->sizes() == q_in.sizes().slice(0, 3), "gate: expected shape [B, H, Nq] = ",
                 q_in.sizes().slice(0, 3), ", got ", gate_in->sizes());
-    gate = prep(*gate_in);
+    gate = prep(*gate_in).contiguous();
   }
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dv = v.size(3);
-  at::Tensor out = at::empty({B, H, Nq, Dv}, q.options());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2);
+  at::Tensor out = tokens_like(q_in, Nq, v.size(3));
   at::Tensor lse = at::empty({B, H, Nq}, q.options());
   if (B * H * Nq > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cross_attention", [&] {
       std::vector<Attention<scalar_t>> problems{make_problem<scalar_t>(q, k, v, default_scale(scale, q.size(3)))};
       problems[0].gate = gate.defined() ? gate.const_data_ptr<scalar_t>() : nullptr;
-      problems[0].out = out.mutable_data_ptr<scalar_t>();
+      problems[0].out = tokens_out<scalar_t>(out);
       problems[0].lse = lse.mutable_data_ptr<scalar_t>();
-      forward_all(problems, B * H);
+      forward_all(problems, q.options());
     });
   }
   return {like_input(out, q_in), lse};
@@ -636,49 +972,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_backw
   TORCH_CHECK(grad_in.sizes() == out_in.sizes(), "grad_out: expected shape ", out_in.sizes(), ", got ",
               grad_in.sizes());
   TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, 3), "lse: expected shape [B, H, Nq], got ", lse_in.sizes());
-  const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in), out = prep(out_in);
-  const at::ScalarType ct = q.scalar_type();
-  at::Tensor grad = grad_in.to(ct);
-  const at::Tensor lse = lse_in.to(ct).contiguous();
-  at::Tensor delta = row_delta(grad, out).contiguous();
-  at::Tensor dgate;
   if (gate_in.has_value()) {
-    // out = sigmoid(g) A: the softmax backward sees dO sigmoid(g); delta = rowsum(dO out) is the same
-    // for both views, and d gate = delta (1 - sigmoid(g)).
     check_same(q_in, *gate_in, "q", "gate");
     TORCH_CHECK(gate_in->sizes() == q_in.sizes().slice(0, 3), "gate: expected shape [B, H, Nq], got ",
                 gate_in->sizes());
-    const at::Tensor sig = at::sigmoid(gate_in->to(ct));
-    grad = grad * sig.unsqueeze(-1);
-    dgate = like_input(delta * (1 - sig), *gate_in);
   }
-  grad = grad.contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  const int64_t B = q.size(0), H = q.size(1);
-  if (B * H * q.size(2) > 0 && k.size(2) > 0) {
+  const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in), out = prep(out_in), grad = prep(grad_in);
+  const at::ScalarType ct = q.scalar_type();
+  const at::Tensor lse = lse_in.to(ct).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2);
+  at::Tensor dq = grad_like(q), dk = grad_like(k), dv = grad_like(v);
+  at::Tensor delta = at::empty({B, H, Nq}, q.options());
+  at::Tensor dgate;
+  if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_backward", [&] {
       std::vector<Attention<scalar_t>> problems{make_problem<scalar_t>(q, k, v, default_scale(scale, q.size(3)))};
       auto& p = problems[0];
-      p.stripes = stripe_count(B * H, blocks(p.nq, kBlockQ));
-      at::Tensor dk_partial = at::empty({(p.stripes - 1) * B * H * p.nk * p.d}, q.options());
-      at::Tensor dv_partial = at::empty({(p.stripes - 1) * B * H * p.nk * p.dv}, q.options());
-      if (p.stripes > 1) {
-        dk_partial.zero_();
-        dv_partial.zero_();
+      p.grad_out = tokens_in<scalar_t>(grad);
+      row_dots(p.grad_out, tokens_in<scalar_t>(out), p.bh_count, delta.mutable_data_ptr<scalar_t>());
+      at::Tensor sig;
+      if (gate_in.has_value()) {
+        // out = sigmoid(g) A: the softmax backward sees dO sigmoid(g); delta = rowsum(dO out) is the same
+        // for both views, and d gate = delta (1 - sigmoid(g)).
+        sig = at::sigmoid(gate_in->to(ct)).contiguous();
+        dgate = like_input(delta * (1 - sig), *gate_in);
       }
       p.lse = const_cast<scalar_t*>(lse.const_data_ptr<scalar_t>());
-      p.grad_out = grad.const_data_ptr<scalar_t>();
       p.delta = delta.const_data_ptr<scalar_t>();
-      p.grad_q = dq.mutable_data_ptr<scalar_t>();
-      p.grad_k = dk.mutable_data_ptr<scalar_t>();
-      p.grad_v = dv.mutable_data_ptr<scalar_t>();
-      p.grad_k_partial = dk_partial.mutable_data_ptr<scalar_t>();
-      p.grad_v_partial = dv_partial.mutable_data_ptr<scalar_t>();
-      backward_all(problems, B * H);
+      p.grad_q = tokens_out<scalar_t>(dq);
+      p.grad_k = tokens_out<scalar_t>(dk);
+      p.grad_v = tokens_out<scalar_t>(dv);
+      backward_all(problems, {sig.defined() ? sig.const_data_ptr<scalar_t>() : nullptr}, q.options());
     });
   }
   return {like_input(dq, q_in), like_input(dk, k_in), like_input(dv, v_in),
-          dgate.defined() ? dgate : absent_like(q_in)};
+          dgate.defined() ? dgate : (gate_in.has_value() ? at::zeros_like(*gate_in) : absent_like(q_in))};
 }
 
 void check_bidirectional(const at::Tensor& q_a, const at::Tensor& k_a, const at::Tensor& v_a, const at::Tensor& q_b,
@@ -697,7 +1025,6 @@ void check_bidirectional(const at::Tensor& q_a, const at::Tensor& k_a, const at:
   check_dim(k_b, 2, "k_b", q_b, "q_b");
   check_dim(v_b, 2, "v_b", q_b, "q_b");
 }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bidirectional_forward(
     const at::Tensor& q_a_in, const at::Tensor& k_a_in, const at::Tensor& v_a_in, const at::Tensor& q_b_in,
     const at::Tensor& k_b_in, const at::Tensor& v_b_in, std::optional<double> scale) {
@@ -705,19 +1032,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bidirectional_forward
   const at::Tensor q_a = prep(q_a_in), k_a = prep(k_a_in), v_a = prep(v_a_in);
   const at::Tensor q_b = prep(q_b_in), k_b = prep(k_b_in), v_b = prep(v_b_in);
   const int64_t B = q_a.size(0), H = q_a.size(1), Na = q_a.size(2), Nb = q_b.size(2);
-  at::Tensor o_a = at::empty({B, H, Na, v_b.size(3)}, q_a.options());
-  at::Tensor o_b = at::empty({B, H, Nb, v_a.size(3)}, q_a.options());
+  at::Tensor o_a = tokens_like(q_a_in, Na, v_b.size(3)), o_b = tokens_like(q_b_in, Nb, v_a.size(3));
   at::Tensor lse_a = at::empty({B, H, Na}, q_a.options()), lse_b = at::empty({B, H, Nb}, q_a.options());
   if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(q_a.scalar_type(), "bidirectional_cross_attention", [&] {
       const double s = default_scale(scale, q_a.size(3));
       std::vector<Attention<scalar_t>> problems{make_problem<scalar_t>(q_a, k_b, v_b, s),
                                                 make_problem<scalar_t>(q_b, k_a, v_a, s)};
-      problems[0].out = o_a.mutable_data_ptr<scalar_t>();
+      problems[0].out = tokens_out<scalar_t>(o_a);
       problems[0].lse = lse_a.mutable_data_ptr<scalar_t>();
-      problems[1].out = o_b.mutable_data_ptr<scalar_t>();
+      problems[1].out = tokens_out<scalar_t>(o_b);
       problems[1].lse = lse_b.mutable_data_ptr<scalar_t>();
-      forward_all(problems, B * H);
+      forward_all(problems, q_a.options());
     });
   }
   return {like_input(o_a, q_a_in), like_input(o_b, q_a_in), lse_a, lse_b};
@@ -729,46 +1055,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& o_a_in, const at::Tensor& o_b_in, const at::Tensor& lse_a_in, const at::Tensor& lse_b_in,
     std::optional<double> scale) {
   check_bidirectional(q_a_in, k_a_in, v_a_in, q_b_in, k_b_in, v_b_in);
-  const int64_t B = q_a_in.size(0), H = q_a_in.size(1), Na = q_a_in.size(2), Nb = q_b_in.size(2);
   check_two_way_saved(q_a_in, v_a_in, q_b_in, v_b_in, o_a_in, o_b_in, grad_o_a_in, grad_o_b_in, lse_a_in, "lse_a",
                       lse_b_in, "lse_b");
   const at::Tensor q_a = prep(q_a_in), k_a = prep(k_a_in), v_a = prep(v_a_in);
   const at::Tensor q_b = prep(q_b_in), k_b = prep(k_b_in), v_b = prep(v_b_in);
   const at::ScalarType ct = q_a.scalar_type();
-  const at::Tensor g_a = grad_o_a_in.to(ct).contiguous(), g_b = grad_o_b_in.to(ct).contiguous();
+  const at::Tensor g_a = prep(grad_o_a_in), g_b = prep(grad_o_b_in), o_a = prep(o_a_in), o_b = prep(o_b_in);
   const at::Tensor lse_a = lse_a_in.to(ct).contiguous(), lse_b = lse_b_in.to(ct).contiguous();
-  const at::Tensor delta_a = row_delta(g_a, o_a_in.to(ct)).contiguous();
-  const at::Tensor delta_b = row_delta(g_b, o_b_in.to(ct)).contiguous();
-  at::Tensor dq_a = at::zeros_like(q_a), dk_a = at::zeros_like(k_a), dv_a = at::zeros_like(v_a);
-  at::Tensor dq_b = at::zeros_like(q_b), dk_b = at::zeros_like(k_b), dv_b = at::zeros_like(v_b);
-  if (B * H > 0 && Na > 0 && Nb > 0) {
+  const int64_t B = q_a.size(0), H = q_a.size(1);
+  at::Tensor dq_a = grad_like(q_a), dk_a = grad_like(k_a), dv_a = grad_like(v_a);
+  at::Tensor dq_b = grad_like(q_b), dk_b = grad_like(k_b), dv_b = grad_like(v_b);
+  at::Tensor delta_a = at::empty({B, H, q_a.size(2)}, q_a.options()), delta_b = at::empty({B, H, q_b.size(2)}, q_a.options());
+  if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "bidirectional_cross_attention_backward", [&] {
       const double s = default_scale(scale, q_a.size(3));
       // direction a: queries q_a against (k_b, v_b); direction b: q_b against (k_a, v_a)
       std::vector<Attention<scalar_t>> problems{make_problem<scalar_t>(q_a, k_b, v_b, s),
                                                 make_problem<scalar_t>(q_b, k_a, v_a, s)};
-      const scalar_t* lses[2] = {lse_a.const_data_ptr<scalar_t>(), lse_b.const_data_ptr<scalar_t>()};
-      const scalar_t* grads[2] = {g_a.const_data_ptr<scalar_t>(), g_b.const_data_ptr<scalar_t>()};
-      const scalar_t* deltas[2] = {delta_a.const_data_ptr<scalar_t>(), delta_b.const_data_ptr<scalar_t>()};
+      const at::Tensor* lses[2] = {&lse_a, &lse_b};
+      const at::Tensor* grads[2] = {&g_a, &g_b};
+      const at::Tensor* outs[2] = {&o_a, &o_b};
+      at::Tensor* deltas[2] = {&delta_a, &delta_b};
       at::Tensor* dqs[2] = {&dq_a, &dq_b};
       at::Tensor* dks[2] = {&dk_b, &dk_a};
       at::Tensor* dvs[2] = {&dv_b, &dv_a};
-      std::vector<at::Tensor> partials;
       for (int i = 0; i < 2; ++i) {
         auto& p = problems[i];
-        p.stripes = stripe_count(2 * B * H, blocks(p.nq, kBlockQ));
-        p.lse = const_cast<scalar_t*>(lses[i]);
-        p.grad_out = grads[i];
-        p.delta = deltas[i];
-        p.grad_q = dqs[i]->mutable_data_ptr<scalar_t>();
-        p.grad_k = dks[i]->mutable_data_ptr<scalar_t>();
-        p.grad_v = dvs[i]->mutable_data_ptr<scalar_t>();
-        partials.push_back(at::zeros({(p.stripes - 1) * B * H * p.nk * p.d}, q_a.options()));
-        partials.push_back(at::zeros({(p.stripes - 1) * B * H * p.nk * p.dv}, q_a.options()));
-        p.grad_k_partial = partials[2 * i].mutable_data_ptr<scalar_t>();
-        p.grad_v_partial = partials[2 * i + 1].mutable_data_ptr<scalar_t>();
+        p.grad_out = tokens_in<scalar_t>(*grads[i]);
+        row_dots(p.grad_out, tokens_in<scalar_t>(*outs[i]), p.bh_count, deltas[i]->mutable_data_ptr<scalar_t>());
+        p.lse = const_cast<scalar_t*>(lses[i]->const_data_ptr<scalar_t>());
+        p.delta = deltas[i]->const_data_ptr<scalar_t>();
+        p.grad_q = tokens_out<scalar_t>(*dqs[i]);
+        p.grad_k = tokens_out<scalar_t>(*dks[i]);
+        p.grad_v = tokens_out<scalar_t>(*dvs[i]);
       }
-      backward_all(problems, B * H);
+      backward_all(problems, {nullptr, nullptr}, q_a.options());
     });
   }
   return {like_input(dq_a, q_a_in), like_input(dk_a, k_a_in), like_input(dv_a, v_a_in),
@@ -787,12 +1108,12 @@ void check_tied(const at::Tensor& r_a, const at::Tensor& v_a, const at::Tensor& 
 
 template <typename T>
 Tied<T> make_tied(const at::Tensor& r_a, const at::Tensor& v_a, const at::Tensor& r_b, const at::Tensor& v_b,
-                  double scale) {
-  Tied<T> p{};
-  p.ra = r_a.const_data_ptr<T>();
-  p.va = v_a.const_data_ptr<T>();
-  p.rb = r_b.const_data_ptr<T>();
-  p.vb = v_b.const_data_ptr<T>();
+                  double scale, int64_t rows) {
+  Tied<T> p;
+  p.ra = tokens_in<T>(r_a);
+  p.va = tokens_in<T>(v_a);
+  p.rb = tokens_in<T>(r_b);
+  p.vb = tokens_in<T>(v_b);
   p.na = r_a.size(2);
   p.nb = r_b.size(2);
   p.d = r_a.size(3);
@@ -800,7 +1121,13 @@ Tied<T> make_tied(const at::Tensor& r_a, const at::Tensor& v_a, const at::Tensor
   p.dvb = v_b.size(3);
   p.bh_count = r_a.size(0) * r_a.size(1);
   p.scale = static_cast<T>(scale);
-  p.stripes = stripe_count(p.bh_count, blocks(p.na, kBlockQ));
+  p.score_scale = static_cast<T>(scale * kLog2e<double>);
+  p.ld_a = padded_ld<T>(p.na);
+  p.ld_b = padded_ld<T>(p.nb);
+  p.dp = vec_ceil<T>(p.d);
+  p.dvap = vec_ceil<T>(p.dva);
+  p.dvbp = vec_ceil<T>(p.dvb);
+  p.stripes = stripe_count(p.bh_count, blocks(p.na, rows));
   return p;
 }
 
@@ -812,35 +1139,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tied_forward(const at
   check_tied(r_a_in, v_a_in, r_b_in, v_b_in);
   const at::Tensor r_a = prep(r_a_in), v_a = prep(v_a_in), r_b = prep(r_b_in), v_b = prep(v_b_in);
   const int64_t B = r_a.size(0), H = r_a.size(1), Na = r_a.size(2), Nb = r_b.size(2);
-  at::Tensor o_a = at::empty({B, H, Na, v_b.size(3)}, r_a.options());
-  at::Tensor o_b = at::empty({B, H, Nb, v_a.size(3)}, r_a.options());
+  at::Tensor o_a = tokens_like(r_a_in, Na, v_b.size(3)), o_b = tokens_like(r_b_in, Nb, v_a.size(3));
   at::Tensor lse_row = at::empty({B, H, Na}, r_a.options()), lse_col = at::empty({B, H, Nb}, r_a.options());
   if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(r_a.scalar_type(), "tied_cross_attention", [&] {
-      Tied<scalar_t> p = make_tied<scalar_t>(r_a, v_a, r_b, v_b, default_scale(scale, r_a.size(3)));
-      p.oa = o_a.mutable_data_ptr<scalar_t>();
-      p.ob = o_b.mutable_data_ptr<scalar_t>();
+      Tied<scalar_t> p = make_tied<scalar_t>(r_a, v_a, r_b, v_b, default_scale(scale, r_a.size(3)), kFwdRows);
+      p.oa = tokens_out<scalar_t>(o_a);
+      p.ob = tokens_out<scalar_t>(o_b);
       p.lse_row = lse_row.mutable_data_ptr<scalar_t>();
       p.lse_col = lse_col.mutable_data_ptr<scalar_t>();
-      const int64_t states = p.stripes * p.bh_count;
-      at::Tensor col_max = at::empty({states * Nb}, r_a.options()), col_sum = at::empty({states * Nb}, r_a.options());
-      at::Tensor col_acc = at::empty({states * Nb * p.dva}, r_a.options());
-      p.col_max = col_max.mutable_data_ptr<scalar_t>();
-      p.col_sum = col_sum.mutable_data_ptr<scalar_t>();
-      p.col_acc = col_acc.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, states, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scores(kBlockQ * kBlockK), col_probs(kBlockQ * kBlockK), acc(kBlockQ * p.dvb),
-            m(kBlockQ), l(kBlockQ), col_block_max(kBlockK);
-        for (int64_t item = begin; item < end; ++item)
-          tied_forward_stripe(p, item / p.stripes, item % p.stripes, scores, col_probs, acc, m, l, col_block_max);
-      });
-      const int64_t col_tiles = blocks(Nb, 256);
-      at::parallel_for(0, p.bh_count * col_tiles, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t bh = item / col_tiles, c0 = (item % col_tiles) * 256;
-          tied_merge_columns(p, bh, c0, std::min(Nb, c0 + 256));
-        }
-      });
+      tied_forward_all(p, r_a.options());
     });
   }
   return {like_input(o_a, r_a_in), like_input(o_b, r_a_in), lse_row, lse_col};
@@ -851,41 +1159,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tied_backward(
     const at::Tensor& r_b_in, const at::Tensor& v_b_in, const at::Tensor& o_a_in, const at::Tensor& o_b_in,
     const at::Tensor& lse_row_in, const at::Tensor& lse_col_in, std::optional<double> scale) {
   check_tied(r_a_in, v_a_in, r_b_in, v_b_in);
-  const int64_t B = r_a_in.size(0), H = r_a_in.size(1), Na = r_a_in.size(2), Nb = r_b_in.size(2);
   check_two_way_saved(r_a_in, v_a_in, r_b_in, v_b_in, o_a_in, o_b_in, grad_o_a_in, grad_o_b_in, lse_row_in,
                       "lse_row", lse_col_in, "lse_col");
   const at::Tensor r_a = prep(r_a_in), v_a = prep(v_a_in), r_b = prep(r_b_in), v_b = prep(v_b_in);
   const at::ScalarType ct = r_a.scalar_type();
-  const at::Tensor g_a = grad_o_a_in.to(ct).contiguous(), g_b = grad_o_b_in.to(ct).contiguous();
-  const at::Tensor lse_row = lse_row_in.to(ct).contiguous(), lse_col = lse_col_in.to(ct).contiguous();
-  const at::Tensor delta_row = row_delta(g_a, o_a_in.to(ct)).contiguous();
-  const at::Tensor delta_col = row_delta(g_b, o_b_in.to(ct)).contiguous();
-  at::Tensor dr_a = at::zeros_like(r_a), dv_a = at::zeros_like(v_a), dr_b = at::zeros_like(r_b),
-             dv_b = at::zeros_like(v_b);
-  if (B * H > 0 && Na > 0 && Nb > 0) {
+  const at::Tensor g_a = prep(grad_o_a_in), g_b = prep(grad_o_b_in), o_a = prep(o_a_in), o_b = prep(o_b_in);
+  // the column lse in base 2, as the kernel reads it per score (the row one is converted per row)
+  const at::Tensor lse_row = lse_row_in.to(ct).contiguous(), lse_col2 = lse_col_in.to(ct) * kLog2e<double>;
+  const int64_t B = r_a.size(0), H = r_a.size(1);
+  at::Tensor dr_a = grad_like(r_a), dv_a = grad_like(v_a), dr_b = grad_like(r_b), dv_b = grad_like(v_b);
+  at::Tensor delta_row = at::empty({B, H, r_a.size(2)}, r_a.options());
+  at::Tensor delta_col = at::empty({B, H, r_b.size(2)}, r_a.options());
+  if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "tied_cross_attention_backward", [&] {
-      Tied<scalar_t> p = make_tied<scalar_t>(r_a, v_a, r_b, v_b, default_scale(scale, r_a.size(3)));
-      p.goa = g_a.const_data_ptr<scalar_t>();
-      p.gob = g_b.const_data_ptr<scalar_t>();
+      Tied<scalar_t> p = make_tied<scalar_t>(r_a, v_a, r_b, v_b, default_scale(scale, r_a.size(3)), kBwdRows);
+      p.goa = tokens_in<scalar_t>(g_a);
+      p.gob = tokens_in<scalar_t>(g_b);
+      row_dots(p.goa, tokens_in<scalar_t>(o_a), p.bh_count, delta_row.mutable_data_ptr<scalar_t>());
+      row_dots(p.gob, tokens_in<scalar_t>(o_b), p.bh_count, delta_col.mutable_data_ptr<scalar_t>());
       p.lse_row = const_cast<scalar_t*>(lse_row.const_data_ptr<scalar_t>());
-      p.lse_col = const_cast<scalar_t*>(lse_col.const_data_ptr<scalar_t>());
+      p.lse_col = const_cast<scalar_t*>(lse_col2.const_data_ptr<scalar_t>());
       p.delta_row = delta_row.const_data_ptr<scalar_t>();
       p.delta_col = delta_col.const_data_ptr<scalar_t>();
-      p.grad_ra = dr_a.mutable_data_ptr<scalar_t>();
-      p.grad_va = dv_a.mutable_data_ptr<scalar_t>();
-      p.grad_rb = dr_b.mutable_data_ptr<scalar_t>();
-      p.grad_vb = dv_b.mutable_data_ptr<scalar_t>();
-      at::Tensor drb_partial = at::zeros({(p.stripes - 1) * p.bh_count * Nb * p.d}, r_a.options());
-      at::Tensor dvb_partial = at::zeros({(p.stripes - 1) * p.bh_count * Nb * p.dvb}, r_a.options());
-      p.grad_rb_partial = drb_partial.mutable_data_ptr<scalar_t>();
-      p.grad_vb_partial = dvb_partial.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, p.bh_count * p.stripes, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> buf[4];
-        for (auto& b : buf) b.resize(kBlockQ * kBlockKB);
-        for (int64_t item = begin; item < end; ++item) tied_backward_stripe(p, item / p.stripes, item % p.stripes, buf);
-      });
-      reduce_stripes(p.grad_rb, p.grad_rb_partial, p.stripes, p.bh_count * Nb * p.d);
-      reduce_stripes(p.grad_vb, p.grad_vb_partial, p.stripes, p.bh_count * Nb * p.dvb);
+      p.grad_ra = tokens_out<scalar_t>(dr_a);
+      p.grad_va = tokens_out<scalar_t>(dv_a);
+      p.grad_rb = tokens_out<scalar_t>(dr_b);
+      p.grad_vb = tokens_out<scalar_t>(dv_b);
+      tied_backward_all(p, r_a.options());
     });
   }
   return {like_input(dr_a, r_a_in), like_input(dv_a, v_a_in), like_input(dr_b, r_b_in), like_input(dv_b, v_b_in)};

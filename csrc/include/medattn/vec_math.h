@@ -77,6 +77,59 @@ inline Vectorized<double> exp_nonpositive(Vectorized<double> x) {
   return x.map([](double v) { return std::exp(v); });
 }
 
+// 2^x for x <= 0 (a rounding excess of a few ulps above 0 is fine), for softmaxes computed in base 2
+// (scores pre-multiplied by log2(e), as in FlashAttention): round-to-nearest split x = n + f with
+// f = x - n in [-1/2, 1/2] exact, and a degree-6 polynomial for 2^f (relative-error fit, 1e-7 max relative
+// error in float32 arithmetic). Cheaper than exp_nonpositive (no Cody-Waite reduction): 15 vector
+// operations. Below -126 (where 2^x leaves the normal range) it returns 0; NaN gives NaN. double uses
+// std::exp2.
+inline float exp2_nonpositive(float x) {
+  const bool underflow = x < -126.0f;
+  const float xc = underflow ? -126.0f : x;
+  const float t = xc + 12582912.0f;  // 1.5 * 2^23: round to nearest
+  float n = t - 12582912.0f;
+  const float f = xc - n;
+  n = n == n ? n : 0.0f;  // NaN: any n (the polynomial of NaN is NaN); keeps the int conversion defined
+  float p = 1.5353361960e-4f;
+  p = std::fma(p, f, 1.3398875017e-3f);
+  p = std::fma(p, f, 9.6184369177e-3f);
+  p = std::fma(p, f, 5.5503323674e-2f);
+  p = std::fma(p, f, 2.4022647738e-1f);
+  p = std::fma(p, f, 6.9314718246e-1f);
+  p = std::fma(p, f, 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 1]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
+}
+
+inline double exp2_nonpositive(double x) { return std::exp2(x); }
+
+inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
+  using V = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const V lo(-126.0f);
+  const V underflow = x < lo;  // all-ones lanes; false for NaN
+  const V xc = V::blendv(x, lo, underflow);
+  const V magic(12582912.0f);
+  const V t = xc + magic;
+  const V f = xc - (t - magic);
+  V p(1.5353361960e-4f);
+  p = at::vec::fmadd(p, f, V(1.3398875017e-3f));
+  p = at::vec::fmadd(p, f, V(9.6184369177e-3f));
+  p = at::vec::fmadd(p, f, V(5.5503323674e-2f));
+  p = at::vec::fmadd(p, f, V(2.4022647738e-1f));
+  p = at::vec::fmadd(p, f, V(6.9314718246e-1f));
+  p = at::vec::fmadd(p, f, V(1.0f));
+  const I biased = at::vec::cast<int32_t>(t) - I(0x4B400000 - 127);  // n + 127 from the bits of t
+  const V scale = at::vec::cast<float>(biased << I(23));
+  return V::blendv(p * scale, V(0.0f), underflow);
+}
+
+inline Vectorized<double> exp2_nonpositive(Vectorized<double> x) {
+  return x.map([](double v) { return std::exp2(v); });
+}
+
 // Horizontal sum / max of a vector's lanes (in lane order, so results are the same run to run).
 template <typename T>
 inline T lane_sum(const Vectorized<T>& v) {

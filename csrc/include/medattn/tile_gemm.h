@@ -1,0 +1,135 @@
+// Register-blocked GEMM for the small block products of the attention kernels, compiled per ISA pass
+// (medattn/dispatch.h) on at::vec::Vectorized<T>.
+//
+//     C[M, N] = alpha * A B  (+ C when Accumulate),   A(i, k) = a[i * kARowStride + k * a_col_stride],
+//     B row k at b + k * ldb (its N columns contiguous), C row i at c + i * ldc.
+//
+// Why not BLAS: the attention blocks have one small dimension (the head dim, 16 to 96, or a block of 64
+// queries), where a BLAS call spends much of its time packing its operands and scaling C; here the
+// operands already lie in the layouts the microkernel reads (the kernels pack K^T, V, ... once per
+// (batch, head)), so the microkernel runs straight on them. A's row stride is a compile-time constant
+// (1, or a block buffer's leading dimension) so that the MR broadcasts of a k step are loads at constant
+// offsets from one pointer; B's rows are read as whole vectors.
+//
+// Requirements: N is a multiple of Vectorized<T>::size() (the callers pad their buffers' columns to whole
+// vectors, with zeros in packed operands); every element read or written lies in the callers' buffers.
+//
+// Register tile: MR rows x NV vectors of accumulators, MR * NV <= kAccumulators (24 of the 32 zmm
+// registers on AVX-512, 12 of the 16 ymm on AVX2, leaving room for the NV B vectors and a broadcast).
+// The k loop is innermost and runs in order, so results do not depend on threads or on M, N tiling.
+#pragma once
+
+#include "medattn/vec_math.h"  // Vectorized
+
+#include <algorithm>
+#include <cstdint>
+
+namespace medattn {
+inline namespace CPU_CAPABILITY {
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileAccumulators = 24;
+constexpr int kTileMaxVectors = 4;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kTileAccumulators = 12;
+constexpr int kTileMaxVectors = 3;
+#else
+// Portable pass (correct, not tuned): Vectorized is an array type there.
+constexpr int kTileAccumulators = 4;
+constexpr int kTileMaxVectors = 1;
+#endif
+
+// Rows of the register tile for NV accumulator vectors per row.
+template <int NV>
+constexpr int tile_rows() {
+  return std::min(16, kTileAccumulators / NV);
+}
+
+template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate>
+inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t a_col_stride, const T* __restrict b,
+                             int64_t ldb, T* __restrict c, int64_t ldc) {
+  using V = Vectorized<T>;
+  constexpr int W = V::size();
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = V(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = V::loadu(b + j * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai(a[i * kARowStride]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(ai, bv[j], acc[i][j]);
+    }
+    a += a_col_stride;
+    b += ldb;
+  }
+  const V alpha_v(alpha);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      T* out = c + i * ldc + j * W;
+      if constexpr (Accumulate)
+        at::vec::fmadd(acc[i][j], alpha_v, V::loadu(out)).store(out);
+      else
+        (acc[i][j] * alpha_v).store(out);
+    }
+}
+
+// Rows [0, M) of one column panel of NV vectors: full MR-row tiles, then the remaining rows in tiles of
+// halving height (8, 4, 2, 1).
+template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate>
+inline void gemm_panel(int64_t M, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb, T* c,
+                       int64_t ldc) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    gemm_microkernel<T, MR, NV, kARowStride, Accumulate>(K, alpha, a + i * kARowStride, a_col_stride, b, ldb,
+                                                         c + i * ldc, ldc);
+  if constexpr (MR > 1) {
+    constexpr int kHalf = MR > 8 ? 8 : MR / 2;
+    if (i < M)
+      gemm_panel<T, kHalf, NV, kARowStride, Accumulate>(M - i, K, alpha, a + i * kARowStride, a_col_stride, b, ldb,
+                                                        c + i * ldc, ldc);
+  }
+}
+
+template <typename T, int NV, int64_t kARowStride, bool Accumulate>
+inline void gemm_panel_nv(int64_t M, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
+                          T* c, int64_t ldc) {
+  gemm_panel<T, tile_rows<NV>(), NV, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, b, ldb, c, ldc);
+}
+
+// C[M, N] = alpha A B (+ C): see the top of the file. N must be a multiple of Vectorized<T>::size().
+template <typename T, int64_t kARowStride, bool Accumulate>
+void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
+               T* c, int64_t ldc) {
+  constexpr int64_t W = Vectorized<T>::size();
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // an empty sum
+    if constexpr (!Accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, T(0));
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += kTileMaxVectors * W) {
+    const int64_t nv = std::min<int64_t>(kTileMaxVectors, (N - n0) / W);
+    const T* bp = b + n0;
+    T* cp = c + n0;
+    switch (nv) {
+      case 1: gemm_panel_nv<T, 1, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
+#if !defined(CPU_CAPABILITY_DEFAULT)
+      case 2: gemm_panel_nv<T, 2, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
+      case 3: gemm_panel_nv<T, 3, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
+      case 4: gemm_panel_nv<T, 4, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
+#endif
+      default: break;
+    }
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace medattn
