@@ -50,6 +50,9 @@ typedef double vec_f64 __attribute__((vector_size(kVecBytes)));
 typedef int32_t mask_f32 __attribute__((vector_size(kVecBytes)));
 typedef int64_t mask_f64 __attribute__((vector_size(kVecBytes)));
 
+#define MEDATTN_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define MEDATTN_UNROLL _Pragma("GCC unroll 64")
+
 template <typename acc>
 struct Simd;
 template <>
@@ -77,10 +80,12 @@ inline void storeu(acc* p, typename Simd<acc>::vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Broadcast (a vector-scalar operation broadcasts the scalar: one vbroadcastss).
+// Broadcast (a scalar-vector operation broadcasts the scalar): s - 0 is s for every s, -0 and NaN
+// included, so it compiles to one vbroadcastss (from memory when s is loaded); 0 + s is not (0 + -0 is
+// +0) and costs an add before the broadcast.
 template <typename acc>
 inline typename Simd<acc>::vec splat(acc s) {
-  return typename Simd<acc>::vec{} + s;
+  return s - typename Simd<acc>::vec{};
 }
 
 template <typename acc>
@@ -90,13 +95,33 @@ inline acc hsum(typename Simd<acc>::vec v) {
   return s;
 }
 
-constexpr int kBlock = 2;    // SIMD vectors per output register block (32 floats)
-constexpr int kRowBlock = 4;  // output rows per register block
-constexpr int kKwBlock = 2;  // grad-weight register block: taps along W ...
-constexpr int kKhBlock = 4;  // ... x kernel rows
+// Register blocks per ISA pass: every block's accumulators, plus the vectors it loads, fit the register
+// file (32 zmm with AVX-512; 16 ymm with AVX2, 16 xmm in the DEFAULT pass, SSE2 or NEON).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBlock = 4;     // forward / grad input: SIMD vectors along W (64 floats) ...
+constexpr int kRowBlock = 4;  // ... x output rows: 16 accumulators + 4 inputs + 1 weight
+constexpr int kKwBlock = 2;   // grad weight: taps along W ...
+constexpr int kKhBlock = 8;   // ... x kernel rows: 16 accumulators + 2 inputs + 1 grad_out
+#else
+constexpr int kBlock = 2;     // 2 vectors x 6 rows: 12 accumulators + 2 inputs + 1 weight
+constexpr int kRowBlock = 6;
+constexpr int kKwBlock = 2;   // 2 taps x 4 kernel rows: 8 accumulators + 2 inputs + 1 grad_out
+constexpr int kKhBlock = 4;
+#endif
 constexpr int64_t kMinItems = 64;  // row tiling: at least this many items per call (shape-only rule)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Runs f(std::integral_constant<int, n>) for a runtime count 1 <= n <= Max (register-block sizes are
+// template parameters so that the blocks' arrays live in registers).
+template <int Max, typename F>
+MEDATTN_ALWAYS_INLINE void with_count(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_count<Max - 1>(n, f);
+  }
+  TORCH_CHECK(n == Max, "depthwise_conv2d: block size ", n, " out of range");
+  f(std::integral_constant<int, Max>{});
+}
 
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
 // that there are about kMinItems items. Depends on the shape only (determinism of grad weight).
@@ -197,12 +222,10 @@ void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry&
   for (; c + kBlock * N <= out_cols; c += kBlock * N)
     conv_block<scalar_t, acc, RH, kBlock>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
   const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
-  static_assert(kBlock == 2, "the switch below covers 1..kBlock vectors");
-  switch (rest) {
-    case 1: conv_block<scalar_t, acc, RH, 1>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c); break;
-    case 2: conv_block<scalar_t, acc, RH, 2>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c); break;
-    default: break;
-  }
+  if (rest > 0)
+    with_count<kBlock>(rest, [&](auto R) {
+      conv_block<scalar_t, acc, RH, R>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
+    });
 }
 
 // Correlation of every plane of `src` [P, src_rows, src_cols] with its kernel `w` [P, KH*KW] (acc type),
@@ -238,12 +261,9 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
           const int64_t n = std::min<int64_t>(kRowBlock, (r1 - 1 - r) / g.dh + 1);
           scalar_t* o = out + r * out_cols;
           const int64_t stride = g.dh * out_cols;
-          switch (n) {
-            case 4: conv_rows<scalar_t, acc, 4>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-            case 3: conv_rows<scalar_t, acc, 3>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-            case 2: conv_rows<scalar_t, acc, 2>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-            default: conv_rows<scalar_t, acc, 1>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-          }
+          with_count<kRowBlock>(n, [&](auto RH) {
+            conv_rows<scalar_t, acc, RH>(slab_row, width, wp, g, init, o, stride, out_cols);
+          });
         }
       }
     }
@@ -384,9 +404,6 @@ constexpr int kTapBlock = 6;
 #endif
 static_assert((kPixBlock & (kPixBlock - 1)) == 0, "strips() decomposes a row into power-of-two strips");
 
-#define MEDATTN_ALWAYS_INLINE __attribute__((always_inline)) inline
-#define MEDATTN_UNROLL _Pragma("GCC unroll 64")
-
 // Channel offset of C-vector k (see above: the last one ends at C).
 inline int64_t cvec_offset(int64_t k, int64_t C, int64_t N) { return std::min<int64_t>(k * N, C - N); }
 
@@ -501,20 +518,7 @@ void correlate_nhwc(const acc* src, acc* dst, const acc* wt, const acc* bias, in
 // Runs f(std::integral_constant<int, T>) for the tap group size T of tap_groups(KW).
 template <typename F>
 void with_tap_block(int64_t KW, F&& f) {
-  static_assert(kTapBlock == 6 || kTapBlock == 8, "the switch below covers group sizes 1..kTapBlock");
-  switch (tap_groups(KW).T) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-#if defined(CPU_CAPABILITY_AVX512)
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-#endif
-    default: TORCH_CHECK(false, "depthwise_conv2d: tap group size out of range");
-  }
+  with_count<kTapBlock>(tap_groups(KW).T, f);
 }
 
 // grad weight, NHWC: a[t] += sum_p g[p] x[col + dw (p + t)] for one strip of P grad_out pixels (g, in
