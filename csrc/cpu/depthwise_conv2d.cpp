@@ -21,9 +21,9 @@
 //    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
 //    (the row tiling depends on the shape only).
 //
-// Layouts: NCHW is used as is; channels_last (and any other strided) input is copied to NCHW first and
-// the output converted back to channels_last when x was channels_last (a copy each way; a native NHWC
-// kernel would vectorise over C instead and is left for later).
+// Layouts: NCHW is used as is; channels_last x with C >= one vector runs the native NHWC kernels below
+// (vectorised over C, no layout copy); other strided inputs (and channels_last with fewer channels) are
+// copied to NCHW first and the output converted back to channels_last when x was channels_last.
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
 
@@ -160,7 +160,8 @@ void fill_slab(acc* slab, const scalar_t* src, int64_t src_rows, int64_t src_col
 // Output row rr reads slab row i = rr + kh, so each slab row i is loaded once per tap column kw and
 // feeds every output row of the block with the weight w[i - rr, kw]: one (unaligned, usually cache-
 // line-splitting) load per RH FMAs instead of one per FMA. The loads, not the FMAs, were the limit.
-// RH * R = 8 accumulators cover the FMA latency (4 cycles x 2 FMA units).
+// RH * R accumulators (16 with AVX-512, 12 with AVX2: see kBlock) cover the FMA latency (4 cycles x 2
+// FMA units) with room to spare.
 template <typename scalar_t, typename acc, int RH, int R>
 inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
                        int64_t out_stride, int64_t valid) {
@@ -272,10 +273,11 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
 
 // grad weight partials of one item: rows [0, rows) of the item's grad_out rows (gbuf, zero beyond Wo)
 // against the matching padded input rows (xslab). part_w[KH*KW] receives the item's sums.
-// Register block: kKhBlock kernel rows x kKwBlock taps (8 accumulators). Input row i feeds kernel row
-// kh through grad_out row i - dh kh, so one pass over the input rows of the block loads each shifted
-// input vector once for all kKhBlock kernel rows (and each grad_out vector, row-aligned, once per tap
-// pair): 6 loads per 8 FMAs instead of 9.
+// Register block: kKhBlock kernel rows x kKwBlock taps (16 accumulators with AVX-512, 8 with AVX2).
+// Input row i feeds kernel row kh through grad_out row i - dh kh, so one pass over the input rows of the
+// block loads each shifted input vector once for all kKhBlock kernel rows (and each grad_out vector,
+// row-aligned, once per tap pair): kKwBlock + kKhBlock loads per kKwBlock kKhBlock FMAs (10 per 16
+// with AVX-512, 6 per 8 with AVX2) instead of two per FMA.
 template <typename acc>
 void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t xwidth, int64_t rows,
                       int64_t out_cols, const Geometry& g, acc* part_w) {
@@ -436,23 +438,34 @@ MEDATTN_ALWAYS_INLINE void strips(int64_t n, int64_t s, F&& f) {
   if constexpr (P > 1) strips<P / 2>(n, s, f);
 }
 
-// a[p] += sum_t w[t] x[col + dw (t + p)] over the T taps of one group (w: T weight vectors wstep apart;
-// x: one input row, C-vector at the row's channel offset).
+// The band product both NHWC directions share: a[i] += sum_k v[k] x[col + dw (i + k)] for A accumulators
+// and K operand vectors v[k] (ops, ostep apart) held in registers; x: one input row at the C-vector's
+// channel offset. Input pixel j (j < A + K - 1) is loaded once and feeds every a[i] with k = j - i in
+// range; pixels outside [0, cols) are skipped (zero padding).
+//   forward / grad input: a = P output pixels, v = T tap weights   (taps_to_pixels)
+//   grad weight:          a = T tap sums,      v = P grad_out pixels (pixels_to_taps)
+template <typename acc, int A, int K>
+MEDATTN_ALWAYS_INLINE void band_fma(typename Simd<acc>::vec (&a)[A], const acc* ops, int64_t ostep, const acc* xrow,
+                                    int64_t col, int64_t dw, int64_t cols, int64_t C) {
+  using V = typename Simd<acc>::vec;
+  int64_t lo, hi;
+  column_range(col, dw, cols, A + K - 1, lo, hi);
+  V v[K];
+  MEDATTN_UNROLL for (int k = 0; k < K; ++k) v[k] = loadu<acc>(ops + k * ostep);
+  MEDATTN_UNROLL for (int j = 0; j < A + K - 1; ++j) {
+    if (j < lo || j >= hi) continue;
+    const V x = loadu<acc>(xrow + (col + j * dw) * C);
+    MEDATTN_UNROLL for (int i = 0; i < A; ++i) {
+      if (j - i >= 0 && j - i < K) a[i] += v[j - i] * x;
+    }
+  }
+}
+
+// a[p] += sum_t w[t] x[col + dw (t + p)] over the T taps of one group (w: T weight vectors wstep apart).
 template <typename acc, int P, int T>
 MEDATTN_ALWAYS_INLINE void taps_to_pixels(typename Simd<acc>::vec (&a)[P], const acc* xrow, int64_t col, int64_t dw,
                                           int64_t cols, int64_t C, const acc* w, int64_t wstep) {
-  using V = typename Simd<acc>::vec;
-  int64_t lo, hi;
-  column_range(col, dw, cols, P + T - 1, lo, hi);
-  V wv[T];
-  MEDATTN_UNROLL for (int t = 0; t < T; ++t) wv[t] = loadu<acc>(w + t * wstep);
-  MEDATTN_UNROLL for (int j = 0; j < P + T - 1; ++j) {
-    if (j < lo || j >= hi) continue;
-    const V x = loadu<acc>(xrow + (col + j * dw) * C);
-    MEDATTN_UNROLL for (int p = 0; p < P; ++p) {
-      if (j - p >= 0 && j - p < T) a[p] += wv[j - p] * x;
-    }
-  }
+  band_fma<acc, P, T>(a, w, wstep, xrow, col, dw, cols, C);
 }
 
 // One strip of P output pixels (dw apart) for one C-vector: every kernel row, every tap group.
@@ -526,18 +539,7 @@ void with_tap_block(int64_t KW, F&& f) {
 template <typename acc, int P, int T>
 MEDATTN_ALWAYS_INLINE void pixels_to_taps(typename Simd<acc>::vec (&a)[T], const acc* grow, int64_t gstep,
                                           const acc* xrow, int64_t col, int64_t dw, int64_t cols, int64_t C) {
-  using V = typename Simd<acc>::vec;
-  int64_t lo, hi;
-  column_range(col, dw, cols, P + T - 1, lo, hi);
-  V gv[P];
-  MEDATTN_UNROLL for (int p = 0; p < P; ++p) gv[p] = loadu<acc>(grow + p * gstep);
-  MEDATTN_UNROLL for (int j = 0; j < P + T - 1; ++j) {
-    if (j < lo || j >= hi) continue;
-    const V x = loadu<acc>(xrow + (col + j * dw) * C);
-    MEDATTN_UNROLL for (int t = 0; t < T; ++t) {
-      if (j - t >= 0 && j - t < P) a[t] += gv[j - t] * x;
-    }
-  }
+  band_fma<acc, T, P>(a, grow, gstep, xrow, col, dw, cols, C);
 }
 
 // Sums of one tap group (kernel row kh, taps kw0 .. kw0 + T - 1) over grad_out rows [r0, r1) of one map
