@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace medattn {
@@ -123,6 +124,13 @@ MEDATTN_ALWAYS_INLINE void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
+// Calls f(std::integral_constant<int, i>) for i = 0 .. n - 1 (unrolled at compile time).
+template <int n, typename F>
+MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
+  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
+      std::make_integer_sequence<int, n>{});
+}
+
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
 // that there are about kMinItems items. Depends on the shape only (determinism of grad weight).
 inline int64_t rows_per_tile(int64_t planes, int64_t rows) {
@@ -171,18 +179,35 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
   for (int rr = 0; rr < RH; ++rr)
     for (int r = 0; r < R; ++r) a[rr][r] = splat<acc>(init);
   const int64_t row_step = g.dh * width;
-  for (int64_t i = 0; i < g.KH + RH - 1; ++i) {
+  // Slab row i feeds output rows lo <= rr < hi (compile-time bounds: unrolled, branch-free) with the
+  // weights of kernel row i - rr.
+  auto slab_row = [&](int64_t i, auto lo, auto hi) {
     const acc* row = slab + i * row_step;
-    if (i >= RH - 1 && i < g.KH) {  // every output row of the block uses slab row i
-      for (int64_t kw = 0; kw < g.KW; ++kw) {
-        V x[R];
-        for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
-        for (int rr = 0; rr < RH; ++rr) {
-          const V wv = splat<acc>(w[(i - rr) * g.KW + kw]);
-          for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
-        }
-      }
-    } else {  // first / last rows of the window: only some output rows reach them
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      V x[R];
+      MEDATTN_UNROLL for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
+      static_for<hi - lo>([&](auto k) {
+        constexpr int rr = lo + k;
+        const V wv = splat<acc>(w[(i - rr) * g.KW + kw]);
+        MEDATTN_UNROLL for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
+      });
+    }
+  };
+  if (g.KH >= RH - 1) {
+    // First RH - 1 slab rows: i meets output rows 0..i; last RH - 1 (i = KH + j): rows j + 1..RH - 1.
+    // At K = 7 they carry 12 of the 28 (slab row, output row) FMA groups with RH = 4 (AVX-512) and 30 of
+    // 42 with RH = 6 (AVX2): a per-row range check there made the AVX2 K = 7 forward ~1.5x slower.
+    static_for<RH - 1>([&](auto j) {
+      slab_row(j, std::integral_constant<int, 0>{}, std::integral_constant<int, j + 1>{});
+    });
+    for (int64_t i = RH - 1; i < g.KH; ++i)
+      slab_row(i, std::integral_constant<int, 0>{}, std::integral_constant<int, RH>{});
+    static_for<RH - 1>([&](auto j) {
+      slab_row(g.KH + j, std::integral_constant<int, j + 1>{}, std::integral_constant<int, RH>{});
+    });
+  } else {  // kernels shorter than the block: each row checks which output rows it reaches
+    for (int64_t i = 0; i < g.KH + RH - 1; ++i) {
+      const acc* row = slab + i * row_step;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
         V x[R];
         for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
