@@ -77,6 +77,42 @@ def test_cpu_other_dtypes(shape, kernel, dilation, padding, dtype):
     run_parity("cpu", shape, kernel, dilation, padding, dtype=dtype)
 
 
+# channels_last x with C >= the vector width runs the native NHWC kernels (vectorised over C; 16 floats
+# with AVX-512, 8 with AVX2, 4 in the DEFAULT pass), smaller C the NCHW kernel on a copy. C = 17, 33, 67
+# end on a C-vector that overlaps the one before on every pass; W (and the pixels of each dilation
+# residue) below / between the pixel blocks hit every strip width; tap groups of one size (KW = 3, 5,
+# 7), two sizes (13 = 7 + 6 with AVX-512, 4 + 3 ... with AVX2; 31 = 8 + 8 + 8 + 7), one tap (k x 1).
+NHWC_CASES = [
+    ((2, 17, 9, 5), (3, 3), 1, None),            # W below every pixel block
+    ((1, 33, 12, 23), (7, 7), 2, None),          # dilation 2: strips of pixels 2 apart, 12 + 11 per row
+    ((1, 67, 11, 37), (31, 31), 1, None),        # K > H, W: most taps fall in the padding
+    ((1, 24, 10, 41), (13, 13), 1, None),
+    ((2, 20, 13, 6), (9, 1), 1, None),           # 1-tap groups
+    ((1, 18, 20, 26), (51, 5), 1, None),         # H < KH
+    ((2, 19, 9, 11), (4, 6), 1, (1, 2)),         # even kernel, explicit padding
+    ((1, 18, 6, 5), (3, 3), 1, (3, 5)),          # padding beyond the kernel's reach (output grows)
+    ((2, 3, 10, 9), (5, 5), 1, None),            # C below the vector width: NCHW kernel on a copy
+    ((2, 1, 8, 7), (3, 3), 1, None),             # C = 1: channels_last is NCHW
+]
+NHWC_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in NHWC_CASES]
+
+
+@pytest.mark.parametrize("shape, kernel, dilation, padding", NHWC_CASES, ids=NHWC_IDS)
+def test_cpu_channels_last_matches_reference(shape, kernel, dilation, padding):
+    out, x = run_parity("cpu", shape, kernel, dilation, padding, layout="channels_last", bias=shape[1] % 2 == 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out = mk.depthwise_conv2d(x, torch.randn(shape[1], 1, *kernel), padding=padding, dilation=dilation)
+    grad_x, = torch.autograd.grad(out, [x], torch.randn_like(out))
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", [NHWC_CASES[1], NHWC_CASES[3]], ids=[NHWC_IDS[1], NHWC_IDS[3]])
+def test_cpu_channels_last_other_dtypes(case, dtype):
+    out, _ = run_parity("cpu", *case, dtype=dtype, layout="channels_last")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_default_backend_and_padding_forms():
     x = make_tensor((2, 3, 11, 13), requires_grad=True)
     w = make_tensor((3, 1, 5, 3))
@@ -130,10 +166,11 @@ def test_deterministic_and_keeps_only_inputs():
     assert saved_tensor_bytes(lambda *t: mk.depthwise_conv2d(*t, backend="cpu"), x, w, b) == 0
 
 
-def test_grad_weight_independent_of_thread_count():
-    x = make_tensor((2, 3, 31, 27))
-    w = make_tensor((3, 1, 13, 13))
-    g = make_tensor((2, 3, 31, 27))
+@pytest.mark.parametrize("channels, layout", [(3, "contiguous"), (20, "channels_last")])
+def test_grad_weight_independent_of_thread_count(channels, layout):
+    x = make_tensor((2, channels, 31, 27), layout=layout)
+    w = make_tensor((channels, 1, 13, 13))
+    g = make_tensor((2, channels, 31, 27), layout=layout)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -156,15 +193,24 @@ def test_empty_batch():
     assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
 
 
-def test_nan_and_inf_propagate():
-    x = make_tensor((1, 2, 9, 9))
+@pytest.mark.parametrize("channels, layout", [(2, "contiguous"), (17, "channels_last")])
+def test_nan_and_inf_propagate(channels, layout):
+    x = make_tensor((1, channels, 9, 9))
     x[0, 1, 4, 4] = float("nan")
     x[0, 0, 2, 6] = float("inf")
-    w = make_tensor((2, 1, 3, 3)).abs()
+    x[0, -1, 8, 0] = float("-inf")
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    w = make_tensor((channels, 1, 3, 3)).abs()
     out = mk.depthwise_conv2d(x, w, backend="cpu")
     ref = reference.depthwise_conv2d(x, w, None, (1, 1), (1, 1))
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    # grad weight: a non-finite input inside the window makes its taps' sums non-finite, and nothing else
+    g = make_tensor(out.shape)
+    grad_w = torch.ops.medattn.depthwise_conv2d_backward(g, x, w, [1, 1], [1, 1], [False, True, False])[1]
+    w_ = w.double().requires_grad_()
+    (ref_w,) = torch.autograd.grad(F.conv2d(x.double(), w_, padding=1, groups=channels), [w_], g.double())
+    assert torch.equal(torch.isfinite(grad_w), torch.isfinite(ref_w))
 
 
 @pytest.mark.parametrize("bias", [True, False])

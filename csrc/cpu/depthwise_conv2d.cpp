@@ -21,15 +21,16 @@
 //    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
 //    (the row tiling depends on the shape only).
 //
-// Layouts: NCHW is used as is; channels_last (and any other strided) input is copied to NCHW first and
-// the output converted back to channels_last when x was channels_last (a copy each way; a native NHWC
-// kernel would vectorise over C instead and is left for later).
+// Layouts: NCHW is used as is; channels_last x with C >= one vector runs the native NHWC kernels below
+// (vectorised over C, no layout copy); other strided inputs (and channels_last with fewer channels) are
+// copied to NCHW first and the output converted back to channels_last when x was channels_last.
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace medattn {
@@ -49,6 +50,9 @@ typedef float vec_f32 __attribute__((vector_size(kVecBytes)));
 typedef double vec_f64 __attribute__((vector_size(kVecBytes)));
 typedef int32_t mask_f32 __attribute__((vector_size(kVecBytes)));
 typedef int64_t mask_f64 __attribute__((vector_size(kVecBytes)));
+
+#define MEDATTN_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define MEDATTN_UNROLL _Pragma("GCC unroll 64")
 
 template <typename acc>
 struct Simd;
@@ -77,10 +81,12 @@ inline void storeu(acc* p, typename Simd<acc>::vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Broadcast (a vector-scalar operation broadcasts the scalar: one vbroadcastss).
+// Broadcast (a scalar-vector operation broadcasts the scalar): s - 0 is s for every s, -0 and NaN
+// included, so it compiles to one vbroadcastss (from memory when s is loaded); 0 + s is not (0 + -0 is
+// +0) and costs an add before the broadcast.
 template <typename acc>
 inline typename Simd<acc>::vec splat(acc s) {
-  return typename Simd<acc>::vec{} + s;
+  return s - typename Simd<acc>::vec{};
 }
 
 template <typename acc>
@@ -90,13 +96,40 @@ inline acc hsum(typename Simd<acc>::vec v) {
   return s;
 }
 
-constexpr int kBlock = 2;    // SIMD vectors per output register block (32 floats)
-constexpr int kRowBlock = 4;  // output rows per register block
-constexpr int kKwBlock = 2;  // grad-weight register block: taps along W ...
-constexpr int kKhBlock = 4;  // ... x kernel rows
+// Register blocks per ISA pass: every block's accumulators, plus the vectors it loads, fit the register
+// file (32 zmm with AVX-512; 16 ymm with AVX2, 16 xmm in the DEFAULT pass, SSE2 or NEON).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBlock = 4;     // forward / grad input: SIMD vectors along W (64 floats) ...
+constexpr int kRowBlock = 4;  // ... x output rows: 16 accumulators + 4 inputs + 1 weight
+constexpr int kKwBlock = 2;   // grad weight: taps along W ...
+constexpr int kKhBlock = 8;   // ... x kernel rows: 16 accumulators + 2 inputs + 1 grad_out
+#else
+constexpr int kBlock = 2;     // 2 vectors x 6 rows: 12 accumulators + 2 inputs + 1 weight
+constexpr int kRowBlock = 6;
+constexpr int kKwBlock = 2;   // 2 taps x 4 kernel rows: 8 accumulators + 2 inputs + 1 grad_out
+constexpr int kKhBlock = 4;
+#endif
 constexpr int64_t kMinItems = 64;  // row tiling: at least this many items per call (shape-only rule)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Runs f(std::integral_constant<int, n>) for a runtime count 1 <= n <= Max (register-block sizes are
+// template parameters so that the blocks' arrays live in registers).
+template <int Max, typename F>
+MEDATTN_ALWAYS_INLINE void with_count(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_count<Max - 1>(n, f);
+  }
+  TORCH_CHECK(n == Max, "depthwise_conv2d: block size ", n, " out of range");
+  f(std::integral_constant<int, Max>{});
+}
+
+// Calls f(std::integral_constant<int, i>) for i = 0 .. n - 1 (unrolled at compile time).
+template <int n, typename F>
+MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
+  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
+      std::make_integer_sequence<int, n>{});
+}
 
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
 // that there are about kMinItems items. Depends on the shape only (determinism of grad weight).
@@ -135,7 +168,8 @@ void fill_slab(acc* slab, const scalar_t* src, int64_t src_rows, int64_t src_col
 // Output row rr reads slab row i = rr + kh, so each slab row i is loaded once per tap column kw and
 // feeds every output row of the block with the weight w[i - rr, kw]: one (unaligned, usually cache-
 // line-splitting) load per RH FMAs instead of one per FMA. The loads, not the FMAs, were the limit.
-// RH * R = 8 accumulators cover the FMA latency (4 cycles x 2 FMA units).
+// RH * R accumulators (16 with AVX-512, 12 with AVX2: see kBlock) cover the FMA latency (4 cycles x 2
+// FMA units) with room to spare.
 template <typename scalar_t, typename acc, int RH, int R>
 inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
                        int64_t out_stride, int64_t valid) {
@@ -145,18 +179,35 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
   for (int rr = 0; rr < RH; ++rr)
     for (int r = 0; r < R; ++r) a[rr][r] = splat<acc>(init);
   const int64_t row_step = g.dh * width;
-  for (int64_t i = 0; i < g.KH + RH - 1; ++i) {
+  // Slab row i feeds output rows lo <= rr < hi (compile-time bounds: unrolled, branch-free) with the
+  // weights of kernel row i - rr.
+  auto slab_row = [&](int64_t i, auto lo, auto hi) {
     const acc* row = slab + i * row_step;
-    if (i >= RH - 1 && i < g.KH) {  // every output row of the block uses slab row i
-      for (int64_t kw = 0; kw < g.KW; ++kw) {
-        V x[R];
-        for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
-        for (int rr = 0; rr < RH; ++rr) {
-          const V wv = splat<acc>(w[(i - rr) * g.KW + kw]);
-          for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
-        }
-      }
-    } else {  // first / last rows of the window: only some output rows reach them
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      V x[R];
+      MEDATTN_UNROLL for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
+      static_for<hi - lo>([&](auto k) {
+        constexpr int rr = lo + k;
+        const V wv = splat<acc>(w[(i - rr) * g.KW + kw]);
+        MEDATTN_UNROLL for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
+      });
+    }
+  };
+  if (g.KH >= RH - 1) {
+    // First RH - 1 slab rows: i meets output rows 0..i; last RH - 1 (i = KH + j): rows j + 1..RH - 1.
+    // At K = 7 they carry 12 of the 28 (slab row, output row) FMA groups with RH = 4 (AVX-512) and 30 of
+    // 42 with RH = 6 (AVX2): a per-row range check there made the AVX2 K = 7 forward ~1.5x slower.
+    static_for<RH - 1>([&](auto j) {
+      slab_row(j, std::integral_constant<int, 0>{}, std::integral_constant<int, j + 1>{});
+    });
+    for (int64_t i = RH - 1; i < g.KH; ++i)
+      slab_row(i, std::integral_constant<int, 0>{}, std::integral_constant<int, RH>{});
+    static_for<RH - 1>([&](auto j) {
+      slab_row(g.KH + j, std::integral_constant<int, j + 1>{}, std::integral_constant<int, RH>{});
+    });
+  } else {  // kernels shorter than the block: each row checks which output rows it reaches
+    for (int64_t i = 0; i < g.KH + RH - 1; ++i) {
+      const acc* row = slab + i * row_step;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
         V x[R];
         for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
@@ -197,12 +248,10 @@ void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry&
   for (; c + kBlock * N <= out_cols; c += kBlock * N)
     conv_block<scalar_t, acc, RH, kBlock>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
   const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
-  static_assert(kBlock == 2, "the switch below covers 1..kBlock vectors");
-  switch (rest) {
-    case 1: conv_block<scalar_t, acc, RH, 1>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c); break;
-    case 2: conv_block<scalar_t, acc, RH, 2>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c); break;
-    default: break;
-  }
+  if (rest > 0)
+    with_count<kBlock>(rest, [&](auto R) {
+      conv_block<scalar_t, acc, RH, R>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
+    });
 }
 
 // Correlation of every plane of `src` [P, src_rows, src_cols] with its kernel `w` [P, KH*KW] (acc type),
@@ -238,12 +287,9 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
           const int64_t n = std::min<int64_t>(kRowBlock, (r1 - 1 - r) / g.dh + 1);
           scalar_t* o = out + r * out_cols;
           const int64_t stride = g.dh * out_cols;
-          switch (n) {
-            case 4: conv_rows<scalar_t, acc, 4>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-            case 3: conv_rows<scalar_t, acc, 3>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-            case 2: conv_rows<scalar_t, acc, 2>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-            default: conv_rows<scalar_t, acc, 1>(slab_row, width, wp, g, init, o, stride, out_cols); break;
-          }
+          with_count<kRowBlock>(n, [&](auto RH) {
+            conv_rows<scalar_t, acc, RH>(slab_row, width, wp, g, init, o, stride, out_cols);
+          });
         }
       }
     }
@@ -252,10 +298,11 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
 
 // grad weight partials of one item: rows [0, rows) of the item's grad_out rows (gbuf, zero beyond Wo)
 // against the matching padded input rows (xslab). part_w[KH*KW] receives the item's sums.
-// Register block: kKhBlock kernel rows x kKwBlock taps (8 accumulators). Input row i feeds kernel row
-// kh through grad_out row i - dh kh, so one pass over the input rows of the block loads each shifted
-// input vector once for all kKhBlock kernel rows (and each grad_out vector, row-aligned, once per tap
-// pair): 6 loads per 8 FMAs instead of 9.
+// Register block: kKhBlock kernel rows x kKwBlock taps (16 accumulators with AVX-512, 8 with AVX2).
+// Input row i feeds kernel row kh through grad_out row i - dh kh, so one pass over the input rows of the
+// block loads each shifted input vector once for all kKhBlock kernel rows (and each grad_out vector,
+// row-aligned, once per tap pair): kKwBlock + kKhBlock loads per kKwBlock kKhBlock FMAs (10 per 16
+// with AVX-512, 6 per 8 with AVX2) instead of two per FMA.
 template <typename acc>
 void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t xwidth, int64_t rows,
                       int64_t out_cols, const Geometry& g, acc* part_w) {
@@ -363,6 +410,260 @@ void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w,
   });
 }
 
+// ---- channels_last (NHWC) kernels: vectorised over C
+//
+// One SIMD vector holds N consecutive channels of one pixel, so every tap is a unit-stride vector FMA
+// with that tap's per-channel weight vector (taps packed as wt[kh][kw][C]). Register block ("strip"):
+// P output pixels of one row, dw apart, for one C-vector. A kernel row's taps go in groups of up to
+// kTapBlock whose weight vectors stay in registers; input pixel j of a group (column col + dw j, j < P + T - 1)
+// is loaded once and feeds every pixel p of the strip that meets it, through tap t = j - p:
+//     P + T - 1 input loads + T weight loads per P T FMAs (about 0.25 per FMA with AVX-512).
+// Input columns and rows outside the map are skipped: zero padding without a padded copy. Loads are
+// whole vectors; when N does not divide C the last C-vector is moved back to end at C (it overlaps
+// the one before, whose lanes it recomputes bit-identically), so C >= N is required (smaller C: the
+// NCHW kernel, see use_nhwc).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPixBlock = 16;  // 16 accumulators + 8 weights + 1 input: 25 of the 32 zmm
+constexpr int kTapBlock = 8;
+#else
+constexpr int kPixBlock = 8;  // 8 + 6 + 1: 15 of the 16 ymm (AVX2) / xmm (SSE2, NEON)
+constexpr int kTapBlock = 6;
+#endif
+static_assert((kPixBlock & (kPixBlock - 1)) == 0, "strips() decomposes a row into power-of-two strips");
+
+// Channel offset of C-vector k (see above: the last one ends at C).
+inline int64_t cvec_offset(int64_t k, int64_t C, int64_t N) { return std::min<int64_t>(k * N, C - N); }
+
+// A kernel row's KW taps in `count` groups: the first `big` of T taps, the others of T - 1.
+struct TapGroups {
+  int64_t T, big, count;
+};
+inline TapGroups tap_groups(int64_t KW) {
+  const int64_t n = (KW + kTapBlock - 1) / kTapBlock;
+  const int64_t T = (KW + n - 1) / n;
+  return {T, KW - n * (T - 1), n};
+}
+
+// Indices j in [lo, hi) (within [0, n)) for which the column col + dw j lies in [0, cols).
+inline void column_range(int64_t col, int64_t dw, int64_t cols, int64_t n, int64_t& lo, int64_t& hi) {
+  lo = std::min(n, col >= 0 ? int64_t(0) : (-col + dw - 1) / dw);
+  hi = std::min(n, col >= cols ? int64_t(0) : (cols - col + dw - 1) / dw);
+}
+
+// Calls f(std::integral_constant<int, P>, s) for strips covering pixels [s, n): kPixBlock wide, then the
+// remainder as a binary decomposition (at most one strip each of kPixBlock / 2, / 4, ..., 1 pixels).
+template <int P = kPixBlock, typename F>
+MEDATTN_ALWAYS_INLINE void strips(int64_t n, int64_t s, F&& f) {
+  if constexpr (P == kPixBlock) {
+    for (; n - s >= P; s += P) f(std::integral_constant<int, P>{}, s);
+  } else if (n - s >= P) {
+    f(std::integral_constant<int, P>{}, s);
+    s += P;
+  }
+  if constexpr (P > 1) strips<P / 2>(n, s, f);
+}
+
+// The band product both NHWC directions share: a[i] += sum_k v[k] x[col + dw (i + k)] for A accumulators
+// and K operand vectors v[k] (ops, ostep apart) held in registers; x: one input row at the C-vector's
+// channel offset. Input pixel j (j < A + K - 1) is loaded once and feeds every a[i] with k = j - i in
+// range; pixels outside [0, cols) are skipped (zero padding).
+//   forward / grad input: a = P output pixels, v = T tap weights   (taps_to_pixels)
+//   grad weight:          a = T tap sums,      v = P grad_out pixels (pixels_to_taps)
+template <typename acc, int A, int K>
+MEDATTN_ALWAYS_INLINE void band_fma(typename Simd<acc>::vec (&a)[A], const acc* ops, int64_t ostep, const acc* xrow,
+                                    int64_t col, int64_t dw, int64_t cols, int64_t C) {
+  using V = typename Simd<acc>::vec;
+  int64_t lo, hi;
+  column_range(col, dw, cols, A + K - 1, lo, hi);
+  V v[K];
+  MEDATTN_UNROLL for (int k = 0; k < K; ++k) v[k] = loadu<acc>(ops + k * ostep);
+  MEDATTN_UNROLL for (int j = 0; j < A + K - 1; ++j) {
+    if (j < lo || j >= hi) continue;
+    const V x = loadu<acc>(xrow + (col + j * dw) * C);
+    MEDATTN_UNROLL for (int i = 0; i < A; ++i) {
+      if (j - i >= 0 && j - i < K) a[i] += v[j - i] * x;
+    }
+  }
+}
+
+// a[p] += sum_t w[t] x[col + dw (t + p)] over the T taps of one group (w: T weight vectors wstep apart).
+template <typename acc, int P, int T>
+MEDATTN_ALWAYS_INLINE void taps_to_pixels(typename Simd<acc>::vec (&a)[P], const acc* xrow, int64_t col, int64_t dw,
+                                          int64_t cols, int64_t C, const acc* w, int64_t wstep) {
+  band_fma<acc, P, T>(a, w, wstep, xrow, col, dw, cols, C);
+}
+
+// One strip of P output pixels (dw apart) for one C-vector: every kernel row, every tap group.
+// src: the input map [rows, cols, C] at the channel offset; row0/col0: input row/column of tap (0, 0)
+// for the strip's first pixel.
+template <typename acc, int P, int T>
+void correlate_strip(const acc* src, int64_t rows, int64_t cols, int64_t C, int64_t row0, int64_t col0,
+                     const acc* wt, const Geometry& g, const TapGroups& tg, typename Simd<acc>::vec init, acc* out,
+                     int64_t out_step) {
+  using V = typename Simd<acc>::vec;
+  V a[P];
+  MEDATTN_UNROLL for (int p = 0; p < P; ++p) a[p] = init;
+  const int64_t kh_lo = row0 >= 0 ? 0 : (-row0 + g.dh - 1) / g.dh;
+  const int64_t kh_hi = std::min(g.KH, row0 >= rows ? int64_t(0) : (rows - row0 + g.dh - 1) / g.dh);
+  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+    const acc* xrow = src + (row0 + kh * g.dh) * cols * C;
+    const acc* wrow = wt + kh * g.KW * C;
+    int64_t kw = 0;
+    for (int64_t i = 0; i < tg.count; ++i) {
+      if (i < tg.big) {
+        taps_to_pixels<acc, P, T>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * C, C);
+        kw += T;
+      } else if constexpr (T > 1) {
+        taps_to_pixels<acc, P, T - 1>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * C, C);
+        kw += T - 1;
+      }
+    }
+  }
+  MEDATTN_UNROLL for (int p = 0; p < P; ++p) storeu<acc>(out + p * out_step, a[p]);
+}
+
+// NHWC counterpart of correlate_planes:
+//   dst[b, i, j, c] = bias[c] + sum_{kh,kw} wt[kh, kw, c] src[b, row_origin + i + dh kh, col_origin + j + dw kw, c]
+// Work items: output rows (b, i), all channels.
+template <typename acc, int T>
+void correlate_nhwc(const acc* src, acc* dst, const acc* wt, const acc* bias, int64_t B, int64_t C,
+                      int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols, int64_t row_origin,
+                      int64_t col_origin, const Geometry& g) {
+  using V = typename Simd<acc>::vec;
+  constexpr int N = Simd<acc>::N;
+  const int64_t cvecs = (C + N - 1) / N;
+  const TapGroups tg = tap_groups(g.KW);
+  at::parallel_for(0, B * out_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / out_rows, i = item % out_rows;
+      const acc* src_b = src + b * src_rows * src_cols * C;
+      acc* out_row = dst + item * out_cols * C;
+      for (int64_t k = 0; k < cvecs; ++k) {
+        const int64_t c = cvec_offset(k, C, N);
+        const V init = bias ? loadu<acc>(bias + c) : splat<acc>(acc(0));
+        for (int64_t q = 0; q < std::min(g.dw, out_cols); ++q) {  // pixels q, q + dw, ...
+          strips((out_cols - q + g.dw - 1) / g.dw, 0, [&](auto P, int64_t s) {
+            const int64_t j = q + s * g.dw;
+            correlate_strip<acc, P, T>(src_b + c, src_rows, src_cols, C, row_origin + i, col_origin + j, wt + c, g,
+                                       tg, init, out_row + j * C + c, g.dw * C);
+          });
+        }
+      }
+    }
+  });
+}
+
+// Runs f(std::integral_constant<int, T>) for the tap group size T of tap_groups(KW).
+template <typename F>
+void with_tap_block(int64_t KW, F&& f) {
+  with_count<kTapBlock>(tap_groups(KW).T, f);
+}
+
+// grad weight, NHWC: a[t] += sum_p g[p] x[col + dw (p + t)] for one strip of P grad_out pixels (g, in
+// registers) and one tap group of T (the accumulators); input pixel j = p + t loaded once.
+template <typename acc, int P, int T>
+MEDATTN_ALWAYS_INLINE void pixels_to_taps(typename Simd<acc>::vec (&a)[T], const acc* grow, int64_t gstep,
+                                          const acc* xrow, int64_t col, int64_t dw, int64_t cols, int64_t C) {
+  band_fma<acc, T, P>(a, grow, gstep, xrow, col, dw, cols, C);
+}
+
+// Sums of one tap group (kernel row kh, taps kw0 .. kw0 + T - 1) over grad_out rows [r0, r1) of one map
+// and C-vector, written to part[t * C] (lanes from `first_lane` on: the others belong to the C-vector
+// before, see cvec_offset).
+template <typename acc, int T>
+void tap_group_sums(const acc* gout, const acc* x, int64_t r0, int64_t r1, int64_t Wo, int64_t H, int64_t W,
+                    int64_t C, int64_t kh, int64_t kw0, int64_t ph, int64_t pw, const Geometry& g, acc* part,
+                    int64_t first_lane) {
+  using V = typename Simd<acc>::vec;
+  constexpr int N = Simd<acc>::N;
+  V a[T];
+  MEDATTN_UNROLL for (int t = 0; t < T; ++t) a[t] = splat<acc>(acc(0));
+  for (int64_t h = r0; h < r1; ++h) {
+    const int64_t xr = h + g.dh * kh - ph;
+    if (xr < 0 || xr >= H) continue;
+    const acc* grow = gout + h * Wo * C;
+    const acc* xrow = x + xr * W * C;
+    for (int64_t q = 0; q < std::min(g.dw, Wo); ++q) {
+      strips((Wo - q + g.dw - 1) / g.dw, 0, [&](auto P, int64_t s) {
+        const int64_t j = q + s * g.dw;
+        pixels_to_taps<acc, P, T>(a, grow + j * C, g.dw * C, xrow, j - pw + g.dw * kw0, g.dw, W, C);
+      });
+    }
+  }
+  MEDATTN_UNROLL for (int t = 0; t < T; ++t) {
+    acc lanes[N];
+    storeu<acc>(lanes, a[t]);
+    for (int64_t l = first_lane; l < N; ++l) part[t * C + l] = lanes[l];
+  }
+}
+
+template <typename acc, int T>
+void weight_bias_grad_nhwc(const acc* gout, const acc* x, acc* grad_w, acc* grad_b, int64_t B, int64_t C,
+                             int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t ph, int64_t pw,
+                             const Geometry& g) {
+  using V = typename Simd<acc>::vec;
+  constexpr int N = Simd<acc>::N;
+  const int64_t taps = g.KH * g.KW, cvecs = (C + N - 1) / N;
+  const TapGroups tg = tap_groups(g.KW);
+  const int64_t tile = rows_per_tile(B * cvecs, Ho);
+  const int64_t tiles = (Ho + tile - 1) / tile;
+  // Partial sums per (b, row tile) slot: [B * tiles][taps + 1][C], summed over slots in order below.
+  std::vector<acc> partial(B * tiles * (taps + 1) * C);
+  at::parallel_for(0, B * tiles * cvecs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t slot = item / cvecs, k = item % cvecs, b = slot / tiles;
+      const int64_t r0 = (slot % tiles) * tile, r1 = std::min(Ho, r0 + tile);
+      const int64_t c = cvec_offset(k, C, N), first_lane = k * N - c;
+      const acc* g_b = gout + b * Ho * Wo * C + c;
+      acc* part = partial.data() + slot * (taps + 1) * C + c;
+      if (grad_w) {
+        const acc* x_b = x + b * H * W * C + c;
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          int64_t kw = 0;
+          for (int64_t i = 0; i < tg.count; ++i) {
+            acc* p = part + (kh * g.KW + kw) * C;
+            if (i < tg.big) {
+              tap_group_sums<acc, T>(g_b, x_b, r0, r1, Wo, H, W, C, kh, kw, ph, pw, g, p, first_lane);
+              kw += T;
+            } else if constexpr (T > 1) {
+              tap_group_sums<acc, T - 1>(g_b, x_b, r0, r1, Wo, H, W, C, kh, kw, ph, pw, g, p, first_lane);
+              kw += T - 1;
+            }
+          }
+        }
+      }
+      if (grad_b) {  // four interleaved sums in a fixed order (one add chain would be latency-bound)
+        V s[4] = {};
+        const int64_t n = (r1 - r0) * Wo;
+        const acc* g0 = g_b + r0 * Wo * C;
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4)
+          for (int u = 0; u < 4; ++u) s[u] += loadu<acc>(g0 + (i + u) * C);
+        for (; i < n; ++i) s[0] += loadu<acc>(g0 + i * C);
+        acc lanes[N];
+        storeu<acc>(lanes, (s[0] + s[1]) + (s[2] + s[3]));
+        for (int64_t l = first_lane; l < N; ++l) part[taps * C + l] = lanes[l];
+      }
+    }
+  });
+  const int64_t slots = B * tiles;
+  at::parallel_for(0, taps + 1, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc> sum(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      acc* dst = k < taps ? grad_w : grad_b;
+      if (!dst) continue;
+      std::fill(sum.begin(), sum.end(), acc(0));
+      for (int64_t sl = 0; sl < slots; ++sl) {
+        const acc* p = partial.data() + (sl * (taps + 1) + k) * C;
+        for (int64_t c = 0; c < C; ++c) sum[c] += p[c];
+      }
+      if (k < taps)
+        for (int64_t c = 0; c < C; ++c) grad_w[c * taps + k] = sum[c];
+      else
+        std::copy(sum.begin(), sum.end(), grad_b);
+    }
+  });
+}
 // ---- argument checks and layout handling
 
 struct Conv {
@@ -422,6 +723,47 @@ std::vector<acc_t<scalar_t>> taps_of(const at::Tensor& weight, bool flip) {
   return out;
 }
 
+// Kernel taps as [KH * KW][C] (one per-channel vector per tap: the NHWC kernels' weight layout).
+template <typename acc>
+std::vector<acc> taps_by_channel(const at::Tensor& weight, bool flip) {
+  const std::vector<acc> w = taps_of<acc>(weight.to(c10::CppTypeToScalarType<acc>::value), flip);
+  const int64_t C = weight.size(0), taps = weight.size(2) * weight.size(3);
+  std::vector<acc> out(taps * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < taps; ++k) out[k * C + c] = w[c * taps + k];
+  return out;
+}
+
+// channels_last x runs the NHWC kernels when C fills at least one vector (C >= N); with fewer channels
+// most lanes would idle, and the NCHW kernel (vectorised along W) runs on an NCHW copy instead.
+// bfloat16 is computed in float (converted once, layout kept), as the NCHW kernel does in its slabs.
+bool use_nhwc(const Conv& s, at::ScalarType dtype) {
+  const int64_t lanes = dtype == at::kDouble ? Simd<double>::N : Simd<float>::N;
+  return s.channels_last && s.C >= lanes;
+}
+
+inline at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline at::Tensor channels_last_as(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor forward_nhwc(const Conv& s, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor x = channels_last_as(x_in, acc_type(x_in.scalar_type()));
+  at::Tensor out = at::empty({s.B, s.C, s.Ho, s.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const Geometry g{s.KH, s.KW, s.dh, s.dw};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_nhwc", [&] {
+    const std::vector<scalar_t> wt = taps_by_channel<scalar_t>(weight, false);
+    const at::Tensor b = bias.defined() ? bias.to(x.scalar_type()) : bias;
+    with_tap_block(s.KW, [&](auto T) {
+      correlate_nhwc<scalar_t, T>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wt.data(),
+                                  b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, s.B, s.C, s.H, s.W, s.Ho,
+                                  s.Wo, -s.ph, -s.pw, g);
+    });
+  });
+  return out.to(x_in.scalar_type());
+}
+
 at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in,
                       at::IntArrayRef padding, at::IntArrayRef dilation) {
   const Conv s = check_conv(x_in, weight, padding, dilation);
@@ -431,6 +773,7 @@ at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const st
     check_same(x_in, bias, "x", "bias");
     TORCH_CHECK(bias.dim() == 1 && bias.size(0) == s.C, "bias: expected shape [", s.C, "], got ", bias.sizes());
   }
+  if (use_nhwc(s, x_in.scalar_type())) return forward_nhwc(s, x_in, weight, bias);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({s.B, s.C, s.Ho, s.Wo}, x.options());
   if (out.numel() == 0) return to_layout(out, s.channels_last);
@@ -449,6 +792,42 @@ at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const st
   return to_layout(out, s.channels_last);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_nhwc(const Conv& s, const at::Tensor& grad_in,
+                                                             const at::Tensor& x_in, const at::Tensor& weight,
+                                                             std::array<bool, 3> mask) {
+  const at::ScalarType dtype = x_in.scalar_type(), acc_dtype = acc_type(dtype);
+  const at::Tensor gout = channels_last_as(grad_in, acc_dtype);
+  const at::Tensor x = mask[1] ? channels_last_as(x_in, acc_dtype) : x_in;
+  at::Tensor grad_x = absent_like(x_in), grad_w = absent_like(x_in), grad_b = absent_like(x_in);
+  const Geometry g{s.KH, s.KW, s.dh, s.dw};
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "depthwise_conv2d_backward_nhwc", [&] {
+    const at::TensorOptions opts = gout.options();
+    if (mask[0]) {
+      at::Tensor gx = at::empty({s.B, s.C, s.H, s.W}, opts.memory_format(at::MemoryFormat::ChannelsLast));
+      const std::vector<scalar_t> wf = taps_by_channel<scalar_t>(weight, true);
+      with_tap_block(s.KW, [&](auto T) {
+        correlate_nhwc<scalar_t, T>(gout.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), wf.data(),
+                                    nullptr, s.B, s.C, s.Ho, s.Wo, s.H, s.W, s.ph - s.dh * (s.KH - 1),
+                                    s.pw - s.dw * (s.KW - 1), g);
+      });
+      grad_x = gx.to(dtype);
+    }
+    if (mask[1] || mask[2]) {
+      at::Tensor gw = at::empty({s.C, 1, s.KH, s.KW}, opts), gb = at::empty({s.C}, opts);
+      with_tap_block(s.KW, [&](auto T) {
+        weight_bias_grad_nhwc<scalar_t, T>(gout.const_data_ptr<scalar_t>(),
+                                           mask[1] ? x.const_data_ptr<scalar_t>() : nullptr,
+                                           mask[1] ? gw.mutable_data_ptr<scalar_t>() : nullptr,
+                                           mask[2] ? gb.mutable_data_ptr<scalar_t>() : nullptr, s.B, s.C, s.H, s.W,
+                                           s.Ho, s.Wo, s.ph, s.pw, g);
+      });
+      if (mask[1]) grad_w = gw.to(dtype);
+      if (mask[2]) grad_b = gb.to(dtype);
+    }
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                            const at::Tensor& weight, at::IntArrayRef padding,
                                                            at::IntArrayRef dilation, std::array<bool, 3> mask) {
@@ -457,6 +836,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward(const at::Tensor& gra
   check_same(x_in, grad_in, "x", "grad_out");
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({s.B, s.C, s.Ho, s.Wo}), "grad_out: expected shape [", s.B, ", ",
               s.C, ", ", s.Ho, ", ", s.Wo, "], got ", grad_in.sizes());
+  if (use_nhwc(s, x_in.scalar_type()) && s.B > 0) return backward_nhwc(s, grad_in, x_in, weight, mask);
   const at::Tensor gout = grad_in.contiguous();
   at::Tensor grad_x = absent_like(x_in), grad_w = absent_like(x_in), grad_b = absent_like(x_in);
   const Geometry g{s.KH, s.KW, s.dh, s.dw};
