@@ -72,6 +72,16 @@ def test_cpu_matches_reference(shape, dtype, layout):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+# Past one block and one chunk of the CPU kernel: NCHW rows of more than its 2048-value blocks (partial
+# last block), channels_last over several ~64K-value chunks (partial last chunk) with C not dividing the
+# vector width (lane k holds channel k % C over a period of lcm(C, width) lanes).
+@pytest.mark.parametrize("shape", [(3, 12, 70, 75), (2, 7, 61, 67)])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_blocks_and_chunks(shape, dtype, layout):
+    check_parity("cpu", shape, dtype, layout)
+
+
 @pytest.mark.parametrize("slope", [0.01, 0.2, 1.0])
 def test_slopes_and_offset_inputs(slope):
     # A large common offset: the shifted sums must not lose the variance to cancellation.
