@@ -153,6 +153,16 @@ def test_1d_and_3d_modules_match_batch_norm(module, shape):
         fused(torch.randn(2, 4, 3, 3, 3, 3, dtype=torch.float64))
 
 
+# Past one block and one chunk of the CPU kernel: NCHW rows of more than its 2048-value blocks (partial
+# last block), channels_last over several ~64K-value chunks (partial last chunk) with C not dividing the
+# vector width (lane k holds channel k % C over a period of lcm(C, width) lanes).
+@pytest.mark.parametrize("shape", [(3, 12, 70, 75), (2, 7, 61, 67)])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_blocks_and_chunks(shape, dtype, layout):
+    check_parity("cpu", shape, dtype, layout)
+
+
 @pytest.mark.parametrize("slope", [0.01, 0.2, 1.0])
 def test_slopes_and_offset_inputs(slope):
     # A large common offset: the shifted sums must not lose the variance to cancellation.

@@ -58,6 +58,14 @@ def test_3d_gradcheck_memory_and_mixed_layouts():
     assert saved_tensor_bytes(lambda a, b: mk.global_spatial_attention(a, b, backend="cpu"), x, y) == 0
 
 
+# Several pixel tiles per image in the CPU kernel (NCHW: ~2 MiB tiles of at least 2048 pixels, so
+# C = 256 splits 67 x 71 pixels into 3 tiles, the last partial; channels_last: ~16K-value tiles).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_several_tiles_per_image(dtype, layout):
+    check_parity("cpu", (2, 256, 67, 71), dtype, layout, two_inputs=True)
+
+
 def test_mixed_layouts_and_default_backend():
     x = make_tensor((2, 5, 9, 11), layout="channels_last", requires_grad=True)
     y = make_tensor((2, 5, 9, 11), layout="noncontiguous", requires_grad=True)

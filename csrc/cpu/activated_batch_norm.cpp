@@ -11,25 +11,44 @@
 //   grad_x = gamma * invstd * (dz - (sum dz + xhat * sum dz * xhat) / M),   M = B * H * W
 // The |weight| + eps parameterisation keeps gamma away from 0, where the inversion would break.
 //
-// Work item = one channel (its B * HW values are reduced together). Reductions are `omp simd`
-// reductions (vectorised) over blocks of 512 values, whose sums accumulate in double; the variance is taken around the channel's first value
-// (shifted sums), which avoids the cancellation of E[x^2] - E[x]^2 without a third pass over x.
-// NCHW and channels_last inputs are read in place through (batch, channel, pixel) strides; the output
-// has the input's layout.
+// Each direction is two passes over memory: per-channel sums (forward: sum (x - x0), sum (x - x0)^2
+// around the channel's first value x0, which avoids the cancellation of E[x^2] - E[x]^2 without a third
+// pass; backward: sum dz, sum dz * xhat), then an elementwise pass. Both layouts are read as flat,
+// unit-stride runs of values whose channel repeats with a period of L lanes:
+//  * NCHW: a channel's B rows of H*W values; L = kChains vectors, every lane the same channel. Work item
+//    = one channel, so its rows are still in L2 (a few hundred KiB at DIN's shapes) when the second
+//    pass re-reads them.
+//  * channels_last: pixel blocks of C values each; L = a multiple of lcm(C, vector width), lane k holds
+//    channel k % C, so the same vector loops serve any C (12, 24, 96: no per-pixel remainders). Work
+//    item = a chunk of pixels; per-chunk channel sums are combined in chunk order after the loop.
+// Sums run in explicit at::vec::Vectorized<acc> accumulators (float for float32 / bfloat16: 16 lanes in
+// the AVX512 pass, 8 in AVX2, the portable 8-lane array in DEFAULT; double for float64) over blocks of
+// about kBlockValues values (at most kBlockValues / L + 1 terms per lane), whose sums accumulate in
+// double; the combination order is fixed (no atomics, independent of the thread count). bfloat16
+// blocks are converted to float in a per-thread buffer first.
+#include "medattn/acc_run.h"  // load_run, run_target, store_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/vec_math.h"  // Vectorized, lane_sum
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <numeric>
 #include <type_traits>
-#include <utility>
+#include <vector>
 
 namespace medattn {
 namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
-struct MapView {
-  int64_t B, C, HW, sb, sc, sp;
-};
+// Independent accumulator vectors per sum: enough to cover the add latency (4 cycles, 2 per cycle),
+// few enough that both sums' chains stay in registers on AVX2 (16 ymm).
+constexpr int64_t kChains = 4;
+// Values per block of float partial sums; a block's sums are added in double.
+constexpr int64_t kBlockValues = 2048;
+// channels_last: blocks per parallel work item (a chunk: about 64K values).
+constexpr int64_t kBlocksPerChunk = 32;
 
 inline bool is_channels_last(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
@@ -39,121 +58,413 @@ inline at::Tensor in_own_layout(const at::Tensor& t, bool channels_last) {
   return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
 }
 
-inline MapView view_of(const at::Tensor& x) {
-  // Both layouts merge (h, w) into one pixel index p = h * W + w with stride stride(3).
-  return {x.size(0), x.size(1), x.size(2) * x.size(3), x.stride(0), x.stride(1), x.stride(3)};
-}
-
-// Calls fn(row pointer, stride, length) for every contiguous run of channel c's values: one run per
-// batch image in NCHW (stride 1, vectorisable), one strided run per image in channels_last.
-// Runs body(row_offset, stride) over channel c's rows (one per image). Unit stride (NCHW) is passed as
-// a compile-time 1 so that the loops over `i * stride` vectorise into plain loads; channels_last rows
-// (stride C) take the strided instantiation.
-template <typename Body>
-inline void for_each_row(const MapView& v, int64_t c, const Body& body) {
-  for (int64_t b = 0; b < v.B; ++b) {
-    const int64_t off = b * v.sb + c * v.sc;
-    if (v.sp == 1)
-      body(off, std::integral_constant<int64_t, 1>{});
-    else
-      body(off, v.sp);
-  }
-}
-
-// Partial sums run in `acc` (float for float32 / bfloat16: twice the vector width of double) over blocks
-// of kSumBlock values, and the block sums are added in double: the rounding error of a block sum stays
-// at float's over 512 terms, and the channel total (up to millions of terms) at double's.
-constexpr int64_t kSumBlock = 512;
-
-// (sum a_i, sum b_i) over i in [0, n) for (a_i, b_i) = terms(i), into the double totals s1 and s2.
-template <typename acc, typename Terms>
-inline void add_blocked_sums(int64_t n, const Terms& terms, double& s1, double& s2) {
-  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
-    const int64_t i1 = std::min(n, i0 + kSumBlock);
-    acc r1 = 0, r2 = 0;
-#pragma omp simd reduction(+ : r1, r2)
-    for (int64_t i = i0; i < i1; ++i) {
-      const std::pair<acc, acc> t = terms(i);
-      r1 += t.first;
-      r2 += t.second;
-    }
-    s1 += static_cast<double>(r1);
-    s2 += static_cast<double>(r2);
-  }
-}
-
-// Shifted sums over channel c's M values: (sum (x - shift), sum (x - shift)^2), shift = its first value.
-template <typename scalar_t>
-std::pair<double, double> shifted_sums(const scalar_t* xp, const MapView& v, int64_t c, double shift) {
-  using acc = acc_t<scalar_t>;
-  const acc shift_acc = static_cast<acc>(shift);
-  double s1 = 0, s2 = 0;
-  for_each_row(v, c, [&](int64_t off, auto st) {
-    const scalar_t* row = xp + off;
-    add_blocked_sums<acc>(v.HW, [&](int64_t i) {
-      const acc d = static_cast<acc>(row[i * st]) - shift_acc;
-      return std::pair<acc, acc>(d, d * d);
-    }, s1, s2);
-  });
-  return {s1, s2};
-}
-
-// z = ((x - mean_hi) - mean_lo) * scale + beta rather than x * scale + (beta - mean * scale): x - mean_hi
-// is exact for x near the mean and mean_lo = mean - mean_hi carries the bits of the (double) mean that
-// `acc` cannot hold, so a large common offset of x does not cost y its low bits.
-template <typename scalar_t, typename acc>
-void apply_channel(const scalar_t* xp, scalar_t* yp, const MapView& v, int64_t c, acc mean_hi, acc mean_lo,
-                   acc scale, acc beta, acc slope) {
-  for_each_row(v, c, [&](int64_t off, auto st) {
-    const scalar_t* xr = xp + off;
-    scalar_t* yr = yp + off;
-#pragma omp simd
-    for (int64_t i = 0; i < v.HW; ++i) {
-      const acc z = ((static_cast<acc>(xr[i * st]) - mean_hi) - mean_lo) * scale + beta;
-      yr[i * st] = static_cast<scalar_t>(z > acc(0) ? z : z * slope);
-    }
-  });
-}
-
-// Channel c's backward constants: dz and xhat rebuilt from y (see the top of the file).
+// Lanes of the repeating pattern for C channels per pixel: a multiple of lcm(C, vector width) of at least
+// kChains vectors. NCHW rows hold one channel: C = 1 there.
 template <typename acc>
-struct Inverse {
-  acc slope, inv_slope, beta, inv_gamma;
+int64_t period_lanes(int64_t C) {
+  const int64_t V = Vectorized<acc>::size();
+  const int64_t l = std::lcm(C, V);
+  return l * ((kChains * V + l - 1) / l);
+}
+
+// for (k in [0, n)) body(k, count) over vectors of the period: full periods, then the last partial one
+// vector at a time (count < V lanes valid in the last vector).
+template <typename acc, typename Body>
+inline void for_each_vector(int64_t n, int64_t L, const Body& body) {
+  constexpr int64_t V = Vectorized<acc>::size();
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int64_t k = 0; k < L; k += V) body(i, k, V);
+  for (int64_t k = 0; i + k < n; k += V) body(i, k, std::min(V, n - i - k));
+}
+
+// s1[k] += sum_j (x[jL + k] - shift[k]), s2[k] += the squares, over the n values of one block.
+template <typename acc>
+void add_shifted_sums(const acc* x, int64_t n, int64_t L, const acc* shift, acc* s1, acc* s2) {
+  using Vec = Vectorized<acc>;
+  for_each_vector<acc>(n, L, [&](int64_t i, int64_t k, int64_t count) {
+    Vec d = Vec::loadu(x + i + k, count) - Vec::loadu(shift + k);
+    if (count < Vec::size()) d = Vec::set(Vec(0), d, count);
+    (Vec::loadu(s1 + k) + d).store(s1 + k);
+    at::vec::fmadd(d, d, Vec::loadu(s2 + k)).store(s2 + k);
+  });
+}
+
+// y = leaky(((x - mean_hi) - mean_lo) * scale + beta) per lane's channel. mean_lo = mean - mean_hi carries
+// the bits of the (double) mean that acc cannot hold: x - mean_hi is exact for x near the mean, so a large
+// common offset of x does not cost y its low bits.
+template <typename acc>
+struct NormalizeLanes {
+  const acc *mean_hi, *mean_lo, *scale, *beta;
+  acc slope;
 };
 
-template <typename scalar_t, typename acc>
-std::pair<double, double> backward_sums(const scalar_t* yp, const scalar_t* gp, const MapView& v, int64_t c,
-                                        Inverse<acc> k) {
-  double sum_dz = 0, sum_dz_xhat = 0;
-  for_each_row(v, c, [&](int64_t off, auto st) {
-    const scalar_t* yr = yp + off;
-    const scalar_t* gr = gp + off;
-    add_blocked_sums<acc>(v.HW, [&](int64_t i) {
-      const acc yv = static_cast<acc>(yr[i * st]), gv = static_cast<acc>(gr[i * st]);
-      const bool pos = yv > acc(0);
-      const acc dz = pos ? gv : gv * k.slope;
-      const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
-      return std::pair<acc, acc>(dz, dz * xhat);
-    }, sum_dz, sum_dz_xhat);
+template <typename acc>
+void normalize_leaky(const acc* x, acc* y, int64_t n, int64_t L, const NormalizeLanes<acc>& p) {
+  using Vec = Vectorized<acc>;
+  const Vec slope(p.slope);
+  for_each_vector<acc>(n, L, [&](int64_t i, int64_t k, int64_t count) {
+    const Vec xv = Vec::loadu(x + i + k, count);
+    const Vec z = at::vec::fmadd((xv - Vec::loadu(p.mean_hi + k)) - Vec::loadu(p.mean_lo + k), Vec::loadu(p.scale + k),
+                                 Vec::loadu(p.beta + k));
+    Vec::blendv(z * slope, z, z > Vec(0)).store(y + i + k, count);
   });
-  return {sum_dz, sum_dz_xhat};
 }
 
-template <typename scalar_t, typename acc>
-void grad_x_channel(const scalar_t* yp, const scalar_t* gp, scalar_t* out, const MapView& v, int64_t c,
-                    Inverse<acc> k, acc coef, acc mean_dz, acc mean_dz_xhat) {
-  for_each_row(v, c, [&](int64_t off, auto st) {
-    const scalar_t* yr = yp + off;
-    const scalar_t* gr = gp + off;
-    scalar_t* orow = out + off;
-#pragma omp simd
-    for (int64_t i = 0; i < v.HW; ++i) {
-      const acc yv = static_cast<acc>(yr[i * st]), gv = static_cast<acc>(gr[i * st]);
-      const bool pos = yv > acc(0);
-      const acc dz = pos ? gv : gv * k.slope;
-      const acc xhat = ((pos ? yv : yv * k.inv_slope) - k.beta) * k.inv_gamma;
-      orow[i * st] = static_cast<scalar_t>(coef * (dz - mean_dz - xhat * mean_dz_xhat));
+// Backward per lane: dz and xhat rebuilt from y (see the top of the file); NaN y gives NaN xhat.
+template <typename acc>
+struct InverseLanes {
+  const acc *beta, *inv_gamma;
+  acc slope, inv_slope;
+};
+
+template <typename acc>
+inline void dz_xhat(const Vectorized<acc>& yv, const Vectorized<acc>& gv, const Vectorized<acc>& beta,
+                    const Vectorized<acc>& inv_gamma, const Vectorized<acc>& slope, const Vectorized<acc>& inv_slope,
+                    Vectorized<acc>& dz, Vectorized<acc>& xhat) {
+  using Vec = Vectorized<acc>;
+  const Vec pos = yv > Vec(0);
+  dz = Vec::blendv(gv * slope, gv, pos);
+  xhat = (Vec::blendv(yv * inv_slope, yv, pos) - beta) * inv_gamma;
+}
+
+// s1[k] += sum dz, s2[k] += sum dz * xhat over the n values of one block.
+template <typename acc>
+void add_backward_sums(const acc* y, const acc* g, int64_t n, int64_t L, const InverseLanes<acc>& p, acc* s1,
+                       acc* s2) {
+  using Vec = Vectorized<acc>;
+  const Vec slope(p.slope), inv_slope(p.inv_slope);
+  for_each_vector<acc>(n, L, [&](int64_t i, int64_t k, int64_t count) {
+    Vec dz, xhat;
+    dz_xhat(Vec::loadu(y + i + k, count), Vec::loadu(g + i + k, count), Vec::loadu(p.beta + k),
+            Vec::loadu(p.inv_gamma + k), slope, inv_slope, dz, xhat);
+    if (count < Vec::size()) {
+      dz = Vec::set(Vec(0), dz, count);
+      xhat = Vec::set(Vec(0), xhat, count);
     }
+    (Vec::loadu(s1 + k) + dz).store(s1 + k);
+    at::vec::fmadd(dz, xhat, Vec::loadu(s2 + k)).store(s2 + k);
+  });
+}
+
+// grad_x = coef * (dz - mean_dz - xhat * mean_dz_xhat)
+template <typename acc>
+struct GradLanes {
+  InverseLanes<acc> inv;
+  const acc *coef, *mean_dz, *mean_dz_xhat;
+};
+
+template <typename acc>
+void grad_x_run(const acc* y, const acc* g, acc* out, int64_t n, int64_t L, const GradLanes<acc>& p) {
+  using Vec = Vectorized<acc>;
+  const Vec slope(p.inv.slope), inv_slope(p.inv.inv_slope);
+  for_each_vector<acc>(n, L, [&](int64_t i, int64_t k, int64_t count) {
+    Vec dz, xhat;
+    dz_xhat(Vec::loadu(y + i + k, count), Vec::loadu(g + i + k, count), Vec::loadu(p.inv.beta + k),
+            Vec::loadu(p.inv.inv_gamma + k), slope, inv_slope, dz, xhat);
+    const Vec centred = at::vec::fnmadd(xhat, Vec::loadu(p.mean_dz_xhat + k), dz - Vec::loadu(p.mean_dz + k));
+    (Vec::loadu(p.coef + k) * centred).store(out + i + k, count);
+  });
+}
+
+// The L lanes' partial sums folded into double per-channel totals (lane k -> channel k % C) and reset.
+template <typename acc>
+inline void fold_lanes(acc* s, int64_t L, int64_t C, double* total) {
+  for (int64_t base = 0; base < L; base += C)
+    for (int64_t c = 0; c < C; ++c) total[c] += static_cast<double>(s[base + c]);
+  std::fill(s, s + L, acc(0));
+}
+
+// NCHW (C = 1 per run): the lanes summed as vectors first (float), then once into double.
+template <typename acc>
+inline void fold_all_lanes(acc* s, int64_t L, double& total) {
+  using Vec = Vectorized<acc>;
+  Vec v = Vec::loadu(s);
+  for (int64_t k = Vec::size(); k < L; k += Vec::size()) v = v + Vec::loadu(s + k);
+  total += static_cast<double>(lane_sum(v));
+  std::fill(s, s + L, acc(0));
+}
+
+// Per-thread buffers of one pass: period lanes of up to five per-channel constants, two sums, and the
+// bfloat16 conversion runs (medattn/acc_run.h).
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+struct Scratch {
+  std::vector<acc> lanes, s1, s2, in0, in1, out;
+  Scratch(int64_t L, int64_t params, int64_t block)
+      : lanes(L * params), s1(L, acc(0)), s2(L, acc(0)), in0(run_buffer<scalar_t>(block)),
+        in1(run_buffer<scalar_t>(block)), out(run_buffer<scalar_t>(block)) {}
+  acc* param(int64_t i, int64_t L) { return lanes.data() + i * L; }
+};
+
+template <typename acc>
+inline void fill_channel(acc* lanes, int64_t L, acc value) {
+  std::fill(lanes, lanes + L, value);
+}
+
+// Lane k of a channels_last period gets value[k % C].
+template <typename acc, typename Value>
+inline void fill_periodic(acc* lanes, int64_t L, int64_t C, const Value& value) {
+  for (int64_t k = 0; k < L; ++k) lanes[k] = static_cast<acc>(value(k % C));
+}
+
+// Forward constants of one channel from its shifted sums.
+struct ChannelStats {
+  double mean, var, scale;
+};
+
+inline ChannelStats channel_stats(double shift, double s1, double s2, int64_t M, double weight, double eps) {
+  const double m1 = s1 / static_cast<double>(M);
+  const double var = std::max(s2 / static_cast<double>(M) - m1 * m1, 0.0);
+  return {shift + m1, var, (std::abs(weight) + eps) / std::sqrt(var + eps)};
+}
+
+template <typename acc>
+inline void split_mean(double mean, acc& hi, acc& lo) {
+  hi = static_cast<acc>(mean);
+  lo = static_cast<acc>(mean - static_cast<double>(hi));
+}
+
+// The problem as the kernels see it: B images of C channels of HW pixels, NCHW or channels_last.
+struct Geometry {
+  int64_t B, C, HW;
+  bool channels_last;
+  int64_t M() const { return B * HW; }
+};
+
+inline Geometry geometry_of(const at::Tensor& x, bool channels_last) {
+  return {x.size(0), x.size(1), x.size(2) * x.size(3), channels_last};
+}
+
+// channels_last blocks: whole periods of pixels, about kBlockValues values.
+template <typename acc>
+inline int64_t pixels_per_block(int64_t C, int64_t L) {
+  const int64_t period_pixels = L / C;
+  const int64_t want = std::max<int64_t>(1, kBlockValues / C);
+  return (want + period_pixels - 1) / period_pixels * period_pixels;
+}
+
+
+template <typename acc>
+inline int64_t block_capacity(const Geometry& g, int64_t L) {
+  return g.channels_last ? pixels_per_block<acc>(g.C, L) * g.C : kBlockValues;
+}
+
+// NCHW: body(scratch, c) for every channel, in parallel, with per-thread scratch = make().
+template <typename Make, typename Body>
+inline void parallel_channels(int64_t C, const Make& make, const Body& body) {
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    auto scratch = make();
+    for (int64_t c = c0; c < c1; ++c) body(scratch, c);
+  });
+}
+
+// run(offset, n) over channel c's rows (one per image) in blocks of at most kBlockValues values.
+template <typename Run>
+inline void for_each_channel_block(const Geometry& g, int64_t c, const Run& run) {
+  for (int64_t b = 0; b < g.B; ++b) {
+    const int64_t row = (b * g.C + c) * g.HW;
+    for (int64_t i = 0; i < g.HW; i += kBlockValues) run(row + i, std::min(kBlockValues, g.HW - i));
+  }
+}
+
+// channels_last: chunks of kBlocksPerChunk pixel blocks, in parallel, with per-thread scratch = make();
+// run(scratch, chunk, offset, n) per block. Returns the number of chunks (fixed by C and the ISA only).
+template <typename acc, typename Make, typename Run>
+inline int64_t parallel_pixel_blocks(const Geometry& g, int64_t L, const Make& make, const Run& run) {
+  const int64_t ppb = pixels_per_block<acc>(g.C, L), chunk = ppb * kBlocksPerChunk;
+  const int64_t chunks = (g.M() + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    auto scratch = make();
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t p1 = std::min(g.M(), (k + 1) * chunk);
+      for (int64_t p = k * chunk; p < p1; p += ppb) run(scratch, k, p * g.C, (std::min(p1, p + ppb) - p) * g.C);
+    }
+  });
+  return chunks;
+}
+
+template <typename acc>
+inline int64_t pixel_chunks(const Geometry& g, int64_t L) {
+  const int64_t chunk = pixels_per_block<acc>(g.C, L) * kBlocksPerChunk;
+  return (g.M() + chunk - 1) / chunk;
+}
+
+// Per-chunk partial sums [chunks][2][C] combined in chunk order: totals [2][C].
+inline std::vector<double> combine_chunks(const std::vector<double>& partial, int64_t chunks, int64_t C) {
+  std::vector<double> total(2 * C, 0.0);
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t i = 0; i < 2 * C; ++i) total[i] += partial[k * 2 * C + i];
+  return total;
+}
+
+template <typename scalar_t>
+void forward_nchw(const Geometry& g, const scalar_t* xp, scalar_t* yp, const scalar_t* wp, const scalar_t* bp,
+                  double eps, double slope, acc_t<scalar_t>* mp, acc_t<scalar_t>* vp) {
+  using acc = acc_t<scalar_t>;
+  const int64_t L = period_lanes<acc>(1);
+  parallel_channels(g.C, [&] { return Scratch<scalar_t>(L, 5, kBlockValues); }, [&](Scratch<scalar_t>& s, int64_t c) {
+    const double shift = static_cast<double>(xp[c * g.HW]);
+    fill_channel(s.param(0, L), L, static_cast<acc>(shift));
+    double t1 = 0, t2 = 0;
+    for_each_channel_block(g, c, [&](int64_t off, int64_t n) {
+      add_shifted_sums(load_run(xp + off, n, s.in0.data()), n, L, s.param(0, L), s.s1.data(), s.s2.data());
+      fold_all_lanes(s.s1.data(), L, t1);
+      fold_all_lanes(s.s2.data(), L, t2);
+    });
+    const ChannelStats st = channel_stats(shift, t1, t2, g.M(), static_cast<double>(wp[c]), eps);
+    mp[c] = static_cast<acc>(st.mean);
+    vp[c] = static_cast<acc>(st.var);
+    acc hi, lo;
+    split_mean(st.mean, hi, lo);
+    fill_channel(s.param(1, L), L, hi);
+    fill_channel(s.param(2, L), L, lo);
+    fill_channel(s.param(3, L), L, static_cast<acc>(st.scale));
+    fill_channel(s.param(4, L), L, static_cast<acc>(bp[c]));
+    const NormalizeLanes<acc> lanes{s.param(1, L), s.param(2, L), s.param(3, L), s.param(4, L),
+                                    static_cast<acc>(slope)};
+    for_each_channel_block(g, c, [&](int64_t off, int64_t n) {
+      acc* out = run_target(yp + off, s.out.data());
+      normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, lanes);
+      store_run(out, yp + off, n);
+    });
+  });
+}
+
+template <typename scalar_t>
+void forward_channels_last(const Geometry& g, const scalar_t* xp, scalar_t* yp, const scalar_t* wp,
+                           const scalar_t* bp, double eps, double slope, acc_t<scalar_t>* mp, acc_t<scalar_t>* vp) {
+  using acc = acc_t<scalar_t>;
+  const int64_t C = g.C, L = period_lanes<acc>(C), block = block_capacity<acc>(g, L);
+  const auto make = [&] { return Scratch<scalar_t>(L, 0, block); };
+  std::vector<acc> lanes(4 * L);
+  fill_periodic(lanes.data(), L, C, [&](int64_t c) { return xp[c]; });  // shift: pixel 0's values
+  std::vector<double> partial(pixel_chunks<acc>(g, L) * 2 * C, 0.0);
+  const int64_t chunks = parallel_pixel_blocks<acc>(g, L, make, [&](Scratch<scalar_t>& s, int64_t k, int64_t off, int64_t n) {
+    add_shifted_sums(load_run(xp + off, n, s.in0.data()), n, L, lanes.data(), s.s1.data(), s.s2.data());
+    fold_lanes(s.s1.data(), L, C, partial.data() + k * 2 * C);
+    fold_lanes(s.s2.data(), L, C, partial.data() + k * 2 * C + C);
+  });
+  const std::vector<double> total = combine_chunks(partial, chunks, C);
+  std::vector<acc> per_channel(4 * C);  // mean_hi, mean_lo, scale, beta
+  for (int64_t c = 0; c < C; ++c) {
+    const ChannelStats st = channel_stats(static_cast<double>(xp[c]), total[c], total[C + c], g.M(),
+                                          static_cast<double>(wp[c]), eps);
+    mp[c] = static_cast<acc>(st.mean);
+    vp[c] = static_cast<acc>(st.var);
+    split_mean(st.mean, per_channel[c], per_channel[C + c]);
+    per_channel[2 * C + c] = static_cast<acc>(st.scale);
+    per_channel[3 * C + c] = static_cast<acc>(bp[c]);
+  }
+  for (int64_t i = 0; i < 4; ++i)
+    fill_periodic(lanes.data() + i * L, L, C, [&](int64_t c) { return per_channel[i * C + c]; });
+  const NormalizeLanes<acc> p{lanes.data(), lanes.data() + L, lanes.data() + 2 * L, lanes.data() + 3 * L,
+                              static_cast<acc>(slope)};
+  parallel_pixel_blocks<acc>(g, L, make, [&](Scratch<scalar_t>& s, int64_t, int64_t off, int64_t n) {
+    acc* out = run_target(yp + off, s.out.data());
+    normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, p);
+    store_run(out, yp + off, n);
+  });
+}
+
+// Backward constants of channel c.
+template <typename acc>
+struct ChannelInverse {
+  acc gamma, inv_gamma, beta;
+};
+
+template <typename scalar_t>
+inline ChannelInverse<acc_t<scalar_t>> channel_inverse(const scalar_t* wp, const scalar_t* bp, int64_t c, double eps) {
+  using acc = acc_t<scalar_t>;
+  const acc gamma = std::abs(static_cast<acc>(wp[c])) + static_cast<acc>(eps);
+  return {gamma, acc(1) / gamma, static_cast<acc>(bp[c])};
+}
+
+// The outputs of one channel from its two sums; returns grad_x's lane constants coef, mean_dz, mean_dz_xhat.
+template <typename scalar_t>
+struct BackwardOutputs {
+  scalar_t *grad_w, *grad_b;  // null when not requested
+  const acc_t<scalar_t>* var;
+  double eps;
+  int64_t M;
+
+  std::array<acc_t<scalar_t>, 3> finish(int64_t c, acc_t<scalar_t> w, acc_t<scalar_t> gamma, double sum_dz,
+                                        double sum_dz_xhat) const {
+    using acc = acc_t<scalar_t>;
+    if (grad_w) {
+      const double sgn = w > 0 ? 1.0 : (w < 0 ? -1.0 : 0.0);  // d|w|/dw as torch.abs's backward
+      grad_w[c] = static_cast<scalar_t>(sum_dz_xhat * sgn);
+    }
+    if (grad_b) grad_b[c] = static_cast<scalar_t>(sum_dz);
+    return {gamma / std::sqrt(var[c] + static_cast<acc>(eps)), static_cast<acc>(sum_dz / static_cast<double>(M)),
+            static_cast<acc>(sum_dz_xhat / static_cast<double>(M))};
+  }
+};
+
+template <typename scalar_t>
+void backward_nchw(const Geometry& g, const scalar_t* yp, const scalar_t* gp, scalar_t* gxp, const scalar_t* wp,
+                   const scalar_t* bp, double eps, double slope, const BackwardOutputs<scalar_t>& outs) {
+  using acc = acc_t<scalar_t>;
+  const int64_t L = period_lanes<acc>(1);
+  const acc slope_a = static_cast<acc>(slope), inv_slope = acc(1) / slope_a;
+  parallel_channels(g.C, [&] { return Scratch<scalar_t>(L, 5, kBlockValues); }, [&](Scratch<scalar_t>& s, int64_t c) {
+    const ChannelInverse<acc> k = channel_inverse(wp, bp, c, eps);
+    fill_channel(s.param(0, L), L, k.beta);
+    fill_channel(s.param(1, L), L, k.inv_gamma);
+    const InverseLanes<acc> inv{s.param(0, L), s.param(1, L), slope_a, inv_slope};
+    double sum_dz = 0, sum_dz_xhat = 0;
+    for_each_channel_block(g, c, [&](int64_t off, int64_t n) {
+      add_backward_sums(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), n, L, inv,
+                        s.s1.data(), s.s2.data());
+      fold_all_lanes(s.s1.data(), L, sum_dz);
+      fold_all_lanes(s.s2.data(), L, sum_dz_xhat);
+    });
+    const auto consts = outs.finish(c, static_cast<acc>(wp[c]), k.gamma, sum_dz, sum_dz_xhat);
+    if (gxp == nullptr) return;
+    for (int64_t i = 0; i < 3; ++i) fill_channel(s.param(2 + i, L), L, consts[i]);
+    const GradLanes<acc> p{inv, s.param(2, L), s.param(3, L), s.param(4, L)};
+    for_each_channel_block(g, c, [&](int64_t off, int64_t n) {
+      acc* out = run_target(gxp + off, s.out.data());
+      grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p);
+      store_run(out, gxp + off, n);
+    });
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const Geometry& g, const scalar_t* yp, const scalar_t* gp, scalar_t* gxp,
+                            const scalar_t* wp, const scalar_t* bp, double eps, double slope,
+                            const BackwardOutputs<scalar_t>& outs) {
+  using acc = acc_t<scalar_t>;
+  const int64_t C = g.C, L = period_lanes<acc>(C), block = block_capacity<acc>(g, L);
+  const auto make = [&] { return Scratch<scalar_t>(L, 0, block); };
+  std::vector<ChannelInverse<acc>> inverse(C);
+  for (int64_t c = 0; c < C; ++c) inverse[c] = channel_inverse(wp, bp, c, eps);
+  std::vector<acc> lanes(5 * L);  // beta, inv_gamma, coef, mean_dz, mean_dz_xhat
+  fill_periodic(lanes.data(), L, C, [&](int64_t c) { return inverse[c].beta; });
+  fill_periodic(lanes.data() + L, L, C, [&](int64_t c) { return inverse[c].inv_gamma; });
+  const acc slope_a = static_cast<acc>(slope), inv_slope = acc(1) / slope_a;
+  const InverseLanes<acc> inv{lanes.data(), lanes.data() + L, slope_a, inv_slope};
+  std::vector<double> partial(pixel_chunks<acc>(g, L) * 2 * C, 0.0);
+  const int64_t chunks = parallel_pixel_blocks<acc>(g, L, make, [&](Scratch<scalar_t>& s, int64_t k, int64_t off, int64_t n) {
+    add_backward_sums(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), n, L, inv,
+                      s.s1.data(), s.s2.data());
+    fold_lanes(s.s1.data(), L, C, partial.data() + k * 2 * C);
+    fold_lanes(s.s2.data(), L, C, partial.data() + k * 2 * C + C);
+  });
+  const std::vector<double> total = combine_chunks(partial, chunks, C);
+  std::vector<acc> per_channel(3 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto consts = outs.finish(c, static_cast<acc>(wp[c]), inverse[c].gamma, total[c], total[C + c]);
+    for (int64_t i = 0; i < 3; ++i) per_channel[i * C + c] = consts[i];
+  }
+  if (gxp == nullptr) return;
+  for (int64_t i = 0; i < 3; ++i)
+    fill_periodic(lanes.data() + (2 + i) * L, L, C, [&](int64_t c) { return per_channel[i * C + c]; });
+  const GradLanes<acc> p{inv, lanes.data() + 2 * L, lanes.data() + 3 * L, lanes.data() + 4 * L};
+  parallel_pixel_blocks<acc>(g, L, make, [&](Scratch<scalar_t>& s, int64_t, int64_t off, int64_t n) {
+    acc* out = run_target(gxp + off, s.out.data());
+    grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p);
+    store_run(out, gxp + off, n);
   });
 }
 
@@ -182,38 +493,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_forward(const at::Tensor& x_i
   const bool cl = is_channels_last(x_in);
   const at::Tensor x = in_own_layout(x_in, cl);
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
-  const MapView v = view_of(x);
-  const int64_t M = v.B * v.HW;
-  TORCH_CHECK(M > 1, "x: expected more than 1 value per channel (B * H * W > 1) for batch statistics, got shape ",
+  const Geometry g = geometry_of(x, cl);
+  TORCH_CHECK(g.M() > 1, "x: expected more than 1 value per channel (B * H * W > 1) for batch statistics, got shape ",
               x.sizes());
   at::Tensor y = at::empty_like(x);
   const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::empty({v.C}, x.options().dtype(stat_dtype));
-  at::Tensor var = at::empty({v.C}, x.options().dtype(stat_dtype));
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(stat_dtype));
+  at::Tensor var = at::empty({g.C}, x.options().dtype(stat_dtype));
   MEDATTN_DISPATCH_FLOATING(x.scalar_type(), "activated_batch_norm", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    acc* mp = mean.mutable_data_ptr<acc>();
-    acc* vp = var.mutable_data_ptr<acc>();
-    const acc slope = static_cast<acc>(negative_slope);
-    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const double shift = static_cast<double>(xp[c * v.sc]);
-        const auto [s1, s2] = shifted_sums(xp, v, c, shift);
-        const double m1 = s1 / static_cast<double>(M);
-        const double variance = std::max(s2 / static_cast<double>(M) - m1 * m1, 0.0);
-        const double mu = shift + m1;
-        mp[c] = static_cast<acc>(mu);
-        vp[c] = static_cast<acc>(variance);
-        const double gamma = std::abs(static_cast<double>(wp[c])) + eps;
-        const acc scale = static_cast<acc>(gamma / std::sqrt(variance + eps));
-        const acc mean_hi = static_cast<acc>(mu), mean_lo = static_cast<acc>(mu - static_cast<double>(mean_hi));
-        apply_channel(xp, yp, v, c, mean_hi, mean_lo, scale, static_cast<acc>(bp[c]), slope);
-      }
-    });
+    const auto run = cl ? forward_channels_last<scalar_t> : forward_nchw<scalar_t>;
+    run(g, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+        bias.const_data_ptr<scalar_t>(), eps, negative_slope, mean.mutable_data_ptr<acc>(),
+        var.mutable_data_ptr<acc>());
   });
   return {y, mean, var};
 }
@@ -236,8 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_backward(const at::Tensor& gr
   const bool cl = is_channels_last(y_in);
   const at::Tensor y = in_own_layout(y_in, cl), g = in_own_layout(grad_in, cl);
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous(), var = var_in.contiguous();
-  const MapView v = view_of(y);
-  const int64_t M = v.B * v.HW;
+  const Geometry geo = geometry_of(y, cl);
   at::Tensor grad_x = output_mask[0] ? at::empty_like(y) : absent_like(y);
   at::Tensor grad_w = output_mask[1] ? at::empty_like(weight) : absent_like(y);
   at::Tensor grad_b = output_mask[2] ? at::empty_like(bias) : absent_like(y);
@@ -248,32 +539,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_backward(const at::Tensor& gr
   }
   MEDATTN_DISPATCH_FLOATING(y.scalar_type(), "activated_batch_norm_backward", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    const acc* vp = var.const_data_ptr<acc>();
-    scalar_t* gxp = output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    const acc slope = static_cast<acc>(negative_slope), inv_slope = acc(1) / slope;
-    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const acc w = static_cast<acc>(wp[c]);
-        const acc gamma = std::abs(w) + static_cast<acc>(eps);
-        const acc inv_gamma = acc(1) / gamma, beta = static_cast<acc>(bp[c]);
-        const Inverse<acc> k{slope, inv_slope, beta, inv_gamma};
-        const auto [sum_dz, sum_dz_xhat] = backward_sums(yp, gp, v, c, k);
-        if (output_mask[1]) {
-          const double sgn = w > 0 ? 1.0 : (w < 0 ? -1.0 : 0.0);  // d|w|/dw as torch.abs's backward
-          grad_w.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dz_xhat * sgn);
-        }
-        if (output_mask[2]) grad_b.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dz);
-        if (!output_mask[0]) continue;
-        const acc coef = gamma / std::sqrt(vp[c] + static_cast<acc>(eps));
-        const acc mean_dz = static_cast<acc>(sum_dz / static_cast<double>(M));
-        const acc mean_dz_xhat = static_cast<acc>(sum_dz_xhat / static_cast<double>(M));
-        grad_x_channel(yp, gp, gxp, v, c, k, coef, mean_dz, mean_dz_xhat);
-      }
-    });
+    const BackwardOutputs<scalar_t> outs{output_mask[1] ? grad_w.mutable_data_ptr<scalar_t>() : nullptr,
+                                         output_mask[2] ? grad_b.mutable_data_ptr<scalar_t>() : nullptr,
+                                         var.const_data_ptr<acc>(), eps, geo.M()};
+    const auto run = cl ? backward_channels_last<scalar_t> : backward_nchw<scalar_t>;
+    run(geo, y.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+        output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, weight.const_data_ptr<scalar_t>(),
+        bias.const_data_ptr<scalar_t>(), eps, negative_slope, outs);
   });
   return {grad_x, grad_w, grad_b};
 }

@@ -1,17 +1,26 @@
 // Global spatial attention on CPU: out = x * sigmoid(mean_c x) (+ y * sigmoid(mean_c y)).
 //
 // Memory-bound, so the kernel's job is to touch x once from DRAM. Work is split into (batch, pixel
-// tile) items. NCHW: a tile of kPixelTile pixels across all C channels (kPixelTile * C elements, a few
-// hundred KiB) is summed over channels with unit-stride, vectorised loops over pixels, then the same
-// tile is re-read from L1/L2 to write the output. channels_last: each pixel's C values are contiguous,
-// so the channel sum is a unit-stride reduction and the tile is one pixel row.
+// tile) items. NCHW: a tile of P pixels across all C channels (long runs per channel row, up to whole
+// images: see kTileBytes) is summed over channels with unit-stride vector loops over pixels, then the
+// same tile is re-read from cache to write the output. channels_last: each pixel's C values are
+// contiguous, so a pixel's channel sum is a vector reduction over C (lane partials, then a fixed-order
+// horizontal sum) and its output a vector loop over C.
+// Per tile, the gates sigmoid(sum / C) are computed on vectors too (exp_nonpositive, medattn/vec_math.h:
+// no libm call per pixel, NaN propagates).
 //
 // Backward, with s = sigmoid(mean_c x) recomputed rather than saved:
 //   d out_c / d x_c' = s [c == c'] + x_c s (1 - s) / C
 //   grad_x_c = g_c s + (sum_c' g_c' x_c') s (1 - s) / C
 // so one pass forms both channel sums (of x and of g*x) and a second pass, from cache, writes grad_x.
+//
+// Explicit at::vec::Vectorized<acc> loops (16 floats per vector in the AVX512 pass, 8 in AVX2 and in the
+// portable DEFAULT pass; double for float64); bfloat16 rows are converted to float runs
+// (medattn/acc_run.h). Deterministic: every sum has a fixed order, whatever the thread count.
+#include "medattn/acc_run.h"  // load_run, run_target, store_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/vec_math.h"  // Vectorized, exp_nonpositive, lane_sum
 
 #include <algorithm>
 #include <vector>
@@ -20,13 +29,38 @@ namespace medattn {
 namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
-// 1024 x C values (a few hundred KiB) stay in L2 for the second pass, and 4 KiB unit-stride runs per
-// channel row keep the prefetchers streaming: at (8, 64, 112, 112) the forward took 2.5 ms with 256.
-constexpr int64_t kPixelTile = 1024;
+// NCHW tile: a pixel range of every channel row, about kTileBytes of input (all inputs the pass reads),
+// with runs of at least kMinRun pixels per channel row. Long runs matter more than an L2-sized tile: a
+// tile's first pass streams C rows at once, and short runs (a few KiB) leave the hardware prefetchers
+// behind (at (8, 96, 56, 56), 448-pixel tiles ran the forward at 11 GB/s, whole images at 16-18 GB/s);
+// the second pass then re-reads the tile from L2 or L3.
+constexpr int64_t kTileBytes = 2 * 1024 * 1024;
+constexpr int64_t kMinRun = 2048;
+constexpr int64_t kMaxTilePixels = 65536;  // few channels: long runs anyway, and smaller per-thread buffers
+// channels_last tile: pixels of about this many values (a pixel's C values are one contiguous run).
+constexpr int64_t kTileValuesNHWC = 16384;
+
+// sigmoid(v) = 1 / (1 + e) for v >= 0, e / (1 + e) for v < 0, e = exp(-|v|) <= 1: exp of a non-positive
+// argument only, so no overflow; +-inf give 1 and 0, NaN gives NaN.
+template <typename acc>
+inline Vectorized<acc> sigmoid(const Vectorized<acc>& v) {
+  using Vec = Vectorized<acc>;
+  const Vec e = exp_nonpositive(Vec(0) - v.abs());
+  const Vec r = Vec(1) / (Vec(1) + e);
+  return Vec::blendv(e * r, r, v >= Vec(0));
+}
+
+// gates[p] = sigmoid(sums[p] * inv_c) for p < n (both arrays padded to whole vectors).
+template <typename acc>
+inline void gates_of(const acc* sums, acc* gates, int64_t n, acc inv_c) {
+  using Vec = Vectorized<acc>;
+  for (int64_t p = 0; p < n; p += Vec::size()) sigmoid(Vec::loadu(sums + p) * Vec(inv_c)).store(gates + p);
+}
 
 template <typename acc>
-inline acc sigmoid(acc v) {
-  return acc(1) / (acc(1) + std::exp(-v));
+inline int64_t padded(int64_t n) {
+  const int64_t V = Vectorized<acc>::size();
+  return (n + V - 1) / V * V;
 }
 
 enum class Layout { NCHW, NHWC };
@@ -39,119 +73,182 @@ inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
   return layout == Layout::NHWC ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
 }
 
-// Forward over one (batch, pixel range) item. `inputs` holds x (and y): out = sum_i in_i * s_i.
-template <typename scalar_t, Layout L>
-void forward_item(const scalar_t* const* inputs, int n_inputs, scalar_t* out, int64_t C, int64_t HW, int64_t p0,
-                  int64_t p1) {
+// Pixels per tile: the NCHW tile of `inputs` maps in about kTileBytes, balanced over the image's tiles
+// and rounded to whole vectors; channels_last tiles of about kTileValuesNHWC values.
+template <typename scalar_t>
+int64_t tile_pixels(Layout layout, int64_t C, int64_t HW, int inputs) {
   using acc = acc_t<scalar_t>;
-  const int64_t P = p1 - p0;
-  std::vector<acc> sums(P);
-  std::vector<acc> gates(P * n_inputs);
-  for (int i = 0; i < n_inputs; ++i) {
-    const scalar_t* in = inputs[i];
-    std::fill(sums.begin(), sums.end(), acc(0));
-    if constexpr (L == Layout::NCHW) {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* row = in + c * HW + p0;
-        for (int64_t p = 0; p < P; ++p) sums[p] += static_cast<acc>(row[p]);
-      }
-    } else {
-      for (int64_t p = 0; p < P; ++p) {
-        const scalar_t* px = in + (p0 + p) * C;
-        acc s = 0;
-        for (int64_t c = 0; c < C; ++c) s += static_cast<acc>(px[c]);
-        sums[p] = s;
-      }
-    }
-    const acc inv_c = acc(1) / static_cast<acc>(C);
-    for (int64_t p = 0; p < P; ++p) gates[i * P + p] = sigmoid(sums[p] * inv_c);
-  }
-  if constexpr (L == Layout::NCHW) {
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t* orow = out + c * HW + p0;
-      const scalar_t* xrow = inputs[0] + c * HW + p0;
-      if (n_inputs == 1) {
-        for (int64_t p = 0; p < P; ++p) orow[p] = static_cast<scalar_t>(static_cast<acc>(xrow[p]) * gates[p]);
-      } else {
-        const scalar_t* yrow = inputs[1] + c * HW + p0;
-        for (int64_t p = 0; p < P; ++p)
-          orow[p] = static_cast<scalar_t>(static_cast<acc>(xrow[p]) * gates[p] +
-                                          static_cast<acc>(yrow[p]) * gates[P + p]);
-      }
-    }
+  int64_t want;
+  if (layout == Layout::NCHW) {
+    want = std::clamp<int64_t>(kTileBytes / (inputs * C * static_cast<int64_t>(sizeof(scalar_t))), kMinRun,
+                               kMaxTilePixels);
   } else {
-    for (int64_t p = 0; p < P; ++p) {
-      scalar_t* opx = out + (p0 + p) * C;
-      const scalar_t* xpx = inputs[0] + (p0 + p) * C;
-      const acc gx = gates[p];
-      if (n_inputs == 1) {
-        for (int64_t c = 0; c < C; ++c) opx[c] = static_cast<scalar_t>(static_cast<acc>(xpx[c]) * gx);
-      } else {
-        const scalar_t* ypx = inputs[1] + (p0 + p) * C;
-        const acc gy = gates[P + p];
-        for (int64_t c = 0; c < C; ++c)
-          opx[c] = static_cast<scalar_t>(static_cast<acc>(xpx[c]) * gx + static_cast<acc>(ypx[c]) * gy);
-      }
+    want = std::max<int64_t>(1, kTileValuesNHWC / C);
+  }
+  const int64_t tiles = (HW + want - 1) / want;
+  return std::min(HW, padded<acc>((HW + tiles - 1) / tiles));
+}
+
+// Per-thread buffers of a tile: channel sums and gates per pixel (padded to whole vectors) and
+// the bfloat16 conversion runs.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+struct TileScratch {
+  std::vector<acc> sum0, sum1, in0, in1, out;
+  TileScratch(int64_t tile, int64_t run)
+      : sum0(padded<acc>(tile)), sum1(padded<acc>(tile)), in0(run_buffer<scalar_t>(run)),
+        in1(run_buffer<scalar_t>(run)), out(run_buffer<scalar_t>(run)) {}
+};
+
+// sums[p] = sum_c in[c][p] over an NCHW tile (rows of P values, HW apart).
+template <typename scalar_t, typename acc>
+void channel_sums_nchw(const scalar_t* in, int64_t C, int64_t HW, int64_t P, acc* sums, acc* tmp) {
+  using Vec = Vectorized<acc>;
+  std::fill(sums, sums + padded<acc>(P), acc(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const acc* row = load_run(in + c * HW, P, tmp);
+    for (int64_t p = 0; p < P; p += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), P - p);
+      (Vec::loadu(sums + p) + Vec::loadu(row + p, n)).store(sums + p);
     }
   }
 }
 
+// Sum of a pixel's n channel values (lane partials, then the lanes in order).
+template <typename acc>
+inline acc pixel_sum(const acc* v, int64_t n) {
+  using Vec = Vectorized<acc>;
+  Vec s(0);
+  for (int64_t c = 0; c < n; c += Vec::size()) s = s + Vec::loadu(v + c, std::min<int64_t>(Vec::size(), n - c));
+  return lane_sum(s);
+}
+
 template <typename scalar_t, Layout L>
-void backward_item(const scalar_t* g, const scalar_t* x, scalar_t* gx, int64_t C, int64_t HW, int64_t p0,
-                   int64_t p1) {
+void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, int64_t C, int64_t HW, int64_t p0,
+                  int64_t p1, TileScratch<scalar_t>& s) {
   using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
   const int64_t P = p1 - p0;
   const acc inv_c = acc(1) / static_cast<acc>(C);
-  std::vector<acc> sum_x(P, acc(0)), sum_gx(P, acc(0));
+  acc* gates[2] = {s.sum0.data(), s.sum1.data()};
+  for (int i = 0; i < n_inputs; ++i) {
+    if constexpr (L == Layout::NCHW) {
+      channel_sums_nchw(inputs[i] + p0, C, HW, P, gates[i], s.in0.data());
+    } else {
+      const acc* tile = load_run(inputs[i] + p0 * C, P * C, s.in0.data());
+      for (int64_t p = 0; p < P; ++p) gates[i][p] = pixel_sum(tile + p * C, C);
+    }
+    gates_of(gates[i], gates[i], P, inv_c);
+  }
+  // out = x * gate_x (+ y * gate_y): per channel row over pixels (NCHW), per pixel over channels (NHWC).
+  const auto write = [&](const scalar_t* x, const scalar_t* y, scalar_t* o, int64_t n, const auto& gate_x,
+                         const auto& gate_y) {
+    const acc* xv = load_run(x, n, s.in0.data());
+    const acc* yv = y ? load_run(y, n, s.in1.data()) : nullptr;
+    acc* ov = run_target(o, s.out.data());
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
+      Vec r = Vec::loadu(xv + j, cnt) * gate_x(j);
+      if (yv) r = at::vec::fmadd(Vec::loadu(yv + j, cnt), gate_y(j), r);
+      r.store(ov + j, cnt);
+    }
+    store_run(ov, o, n);
+  };
+  const scalar_t* y = n_inputs > 1 ? inputs[1] : nullptr;
   if constexpr (L == Layout::NCHW) {
+    const auto gate_x = [&](int64_t j) { return Vec::loadu(gates[0] + j); };
+    const auto gate_y = [&](int64_t j) { return Vec::loadu(gates[1] + j); };
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* xr = x + c * HW + p0;
-      const scalar_t* gr = g + c * HW + p0;
-      for (int64_t p = 0; p < P; ++p) {
-        const acc xv = static_cast<acc>(xr[p]);
-        sum_x[p] += xv;
-        sum_gx[p] += xv * static_cast<acc>(gr[p]);
-      }
-    }
-    // Reuse the sums as the two per-pixel coefficients: grad = g * s + coef.
-    for (int64_t p = 0; p < P; ++p) {
-      const acc s = sigmoid(sum_x[p] * inv_c);
-      sum_x[p] = s;
-      sum_gx[p] = sum_gx[p] * s * (acc(1) - s) * inv_c;
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* gr = g + c * HW + p0;
-      scalar_t* out = gx + c * HW + p0;
-      for (int64_t p = 0; p < P; ++p) out[p] = static_cast<scalar_t>(static_cast<acc>(gr[p]) * sum_x[p] + sum_gx[p]);
+      const int64_t off = c * HW + p0;
+      write(inputs[0] + off, y ? y + off : nullptr, out + off, P, gate_x, gate_y);
     }
   } else {
-    for (int64_t p = 0; p < P; ++p) {
-      const scalar_t* xp = x + (p0 + p) * C;
-      const scalar_t* gp = g + (p0 + p) * C;
-      acc sx = 0, sgx = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc xv = static_cast<acc>(xp[c]);
-        sx += xv;
-        sgx += xv * static_cast<acc>(gp[c]);
-      }
-      const acc s = sigmoid(sx * inv_c);
-      const acc coef = sgx * s * (acc(1) - s) * inv_c;
-      scalar_t* out = gx + (p0 + p) * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(static_cast<acc>(gp[c]) * s + coef);
+    for (int64_t p = p0; p < p1; ++p) {
+      const Vec gx(gates[0][p - p0]), gy(n_inputs > 1 ? gates[1][p - p0] : acc(0));
+      write(inputs[0] + p * C, y ? y + p * C : nullptr, out + p * C, C, [&](int64_t) { return gx; },
+            [&](int64_t) { return gy; });
     }
   }
 }
 
-// Splits B x HW into (batch, pixel tile) items and runs `fn(b, p0, p1)` on each, in parallel.
-template <typename Fn>
-void for_each_pixel_tile(int64_t B, int64_t HW, Layout layout, const Fn& fn) {
-  // NHWC items are pixel rows of C contiguous values; a smaller tile keeps enough items per thread.
-  const int64_t tile = layout == Layout::NCHW ? kPixelTile : 64;
+template <typename scalar_t, Layout L>
+void backward_tile(const scalar_t* g, const scalar_t* x, scalar_t* gx, int64_t C, int64_t HW, int64_t p0, int64_t p1,
+                   TileScratch<scalar_t>& s) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  const int64_t P = p1 - p0;
+  const acc inv_c = acc(1) / static_cast<acc>(C);
+  acc* gate = s.sum0.data();  // sum_c x, then s
+  acc* coef = s.sum1.data();  // sum_c g x, then (sum_c g x) s (1 - s) / C
+  if constexpr (L == Layout::NCHW) {
+    std::fill(gate, gate + padded<acc>(P), acc(0));
+    std::fill(coef, coef + padded<acc>(P), acc(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const acc* xr = load_run(x + c * HW + p0, P, s.in0.data());
+      const acc* gr = load_run(g + c * HW + p0, P, s.in1.data());
+      for (int64_t p = 0; p < P; p += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), P - p);
+        const Vec xv = Vec::loadu(xr + p, n);
+        (Vec::loadu(gate + p) + xv).store(gate + p);
+        at::vec::fmadd(xv, Vec::loadu(gr + p, n), Vec::loadu(coef + p)).store(coef + p);
+      }
+    }
+  } else {
+    const acc* xt = load_run(x + p0 * C, P * C, s.in0.data());
+    const acc* gt = load_run(g + p0 * C, P * C, s.in1.data());
+    for (int64_t p = 0; p < P; ++p) {
+      Vec sx(0), sgx(0);
+      for (int64_t c = 0; c < C; c += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+        const Vec xv = Vec::loadu(xt + p * C + c, n);
+        sx = sx + xv;
+        sgx = at::vec::fmadd(xv, Vec::loadu(gt + p * C + c, n), sgx);
+      }
+      gate[p] = lane_sum(sx);
+      coef[p] = lane_sum(sgx);
+    }
+  }
+  for (int64_t p = 0; p < P; p += Vec::size()) {
+    const Vec sv = sigmoid(Vec::loadu(gate + p) * Vec(inv_c));
+    sv.store(gate + p);
+    (Vec::loadu(coef + p) * sv * (Vec(1) - sv) * Vec(inv_c)).store(coef + p);
+  }
+  // grad = g * s + coef
+  const auto write = [&](const scalar_t* gin, scalar_t* o, int64_t n, const auto& s_at, const auto& coef_at) {
+    const acc* gv = load_run(gin, n, s.in1.data());
+    acc* ov = run_target(o, s.out.data());
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
+      at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(j), coef_at(j)).store(ov + j, cnt);
+    }
+    store_run(ov, o, n);
+  };
+  if constexpr (L == Layout::NCHW) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t off = c * HW + p0;
+      write(g + off, gx + off, P, [&](int64_t j) { return Vec::loadu(gate + j); },
+            [&](int64_t j) { return Vec::loadu(coef + j); });
+    }
+  } else {
+    for (int64_t p = p0; p < p1; ++p) {
+      const Vec sv(gate[p - p0]), cv(coef[p - p0]);
+      write(g + p * C, gx + p * C, C, [&](int64_t) { return sv; }, [&](int64_t) { return cv; });
+    }
+  }
+}
+
+// Splits B x HW into (batch, pixel tile) items and runs `fn(scratch, b, p0, p1)` on each, in parallel,
+// with one TileScratch per thread.
+template <typename scalar_t, typename Fn>
+void for_each_pixel_tile(int64_t B, int64_t C, int64_t HW, Layout layout, int inputs, const Fn& fn) {
+  const int64_t tile = tile_pixels<scalar_t>(layout, C, HW, inputs);
   const int64_t tiles = (HW + tile - 1) / tile;
+  // A conversion run is one channel row of a tile (NCHW) or the whole tile (channels_last).
+  const int64_t run = layout == Layout::NCHW ? tile : tile * C;
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    TileScratch<scalar_t> scratch(tile, run);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, t = item % tiles;
-      fn(b, t * tile, std::min(HW, (t + 1) * tile));
+      fn(scratch, b, t * tile, std::min(HW, (t + 1) * tile));
     }
   });
 }
@@ -181,12 +278,12 @@ at::Tensor gsa_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int n_inputs = y.defined() ? 2 : 1;
-    for_each_pixel_tile(B, HW, layout, [&](int64_t b, int64_t p0, int64_t p1) {
+    for_each_pixel_tile<scalar_t>(B, C, HW, layout, n_inputs, [&](auto& s, int64_t b, int64_t p0, int64_t p1) {
       const scalar_t* inputs[2] = {xp + b * C * HW, yp ? yp + b * C * HW : nullptr};
       if (layout == Layout::NCHW)
-        forward_item<scalar_t, Layout::NCHW>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1);
+        forward_tile<scalar_t, Layout::NCHW>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s);
       else
-        forward_item<scalar_t, Layout::NHWC>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1);
+        forward_tile<scalar_t, Layout::NHWC>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s);
     });
   });
   return out;
@@ -207,12 +304,12 @@ at::Tensor gsa_backward(const at::Tensor& grad_in, const at::Tensor& x_in) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op = grad_x.mutable_data_ptr<scalar_t>();
-    for_each_pixel_tile(B, HW, layout, [&](int64_t b, int64_t p0, int64_t p1) {
+    for_each_pixel_tile<scalar_t>(B, C, HW, layout, 2, [&](auto& s, int64_t b, int64_t p0, int64_t p1) {
       const int64_t off = b * C * HW;
       if (layout == Layout::NCHW)
-        backward_item<scalar_t, Layout::NCHW>(gp + off, xp + off, op + off, C, HW, p0, p1);
+        backward_tile<scalar_t, Layout::NCHW>(gp + off, xp + off, op + off, C, HW, p0, p1, s);
       else
-        backward_item<scalar_t, Layout::NHWC>(gp + off, xp + off, op + off, C, HW, p0, p1);
+        backward_tile<scalar_t, Layout::NHWC>(gp + off, xp + off, op + off, C, HW, p0, p1, s);
     });
   });
   return grad_x;

@@ -3,33 +3,38 @@
 //   G(u) = sqrt(gx^2 + gy^2 + eps), gx = u (*) [[-1,0,1],[-2,0,2],[-1,0,1]] / 8, gy = u (*) its transpose,
 //   replicate padding; loss = sum_s w_s * norm_s * sum | G(P_s(p)) - G(P_s(y)) |, P_s = avg_pool(s, s).
 //
-// Work item = one (b, c) plane; a thread loads the plane's probabilities p and target y once into
-// plane buffers (softmax, one-hot and ignore mask applied on the fly: labels are never one-hot
-// encoded in memory), then for every scale:
-//  * builds the pooled maps P, Q with their replicate padding ((Hs+2) x (Ws+2) buffers), so that the
-//    Sobel stencils run without clamps and vectorise;
-//  * per output row, the separable stencils: vertical smooth vs = P[i-1] + 2P[i] + P[i+1] and vertical
-//    difference vd = P[i+1] - P[i-1], then gx = (vs[j+1] - vs[j-1]) / 8, gy = (vd[j-1] + 2vd[j] + vd[j+1]) / 8;
-//  * d = G(P) - G(Q); loss += |d|; the adjoint coefficients ax = c sgn(d) gx / G(P), ay = c sgn(d) gy / G(P)
-//    (c = w_s norm_s), pushed back through the transposed stencils into a padded adjoint buffer, whose
-//    padding ring is then folded onto the edge pixels (the adjoint of replicate padding: an out-of-range
-//    tap read the edge pixel, so its gradient lands there);
-//  * the average-pool adjoint spreads dP / s^2 over each s x s block (pixels beyond the floor get none).
+// Work item = one (b, c) plane. A thread loads the plane's probabilities p and target y once, straight
+// into padded full-resolution buffers ((H+2) x (W+2), replicate ring: softmax, one-hot and ignore mask
+// applied on the way; labels are never one-hot encoded in memory), then for every scale:
+//  * pools p and y into padded (Hs+2) x (Ws+2) buffers (scale 1 uses the full-resolution ones), so that
+//    the stencils run without clamps;
+//  * per output row, on vectors of the pass (Vectorized<acc>: 16 floats in AVX512, 8 in AVX2 and in the
+//    portable DEFAULT pass): gx, gy of both maps from the three padded rows, d = G(P) - G(Q),
+//    loss += |d| (lane partials), and the adjoint coefficients ax = c sgn(d) gx / G(P), ay = c sgn(d) gy / G(P)
+//    (c = w_s norm_s) pushed back through the transposed stencils into a padded adjoint buffer: the row
+//    two below is written (its first contribution), the two above accumulated, so no buffer is cleared;
+//    the padding ring is then folded onto the edge pixels (the adjoint of replicate padding);
+//  * the average-pool adjoint spreads dP / s^2 over each s x s block of the full-resolution adjoint,
+//    whose interior is the plane's gradient: the first scale 1 writes it directly.
 // The plane's gradient then gets the ignore mask and, with from_logits, the softmax adjoint
 // dz_c = p_c (dp_c - sum_c' p_c' dp_c'), which needs every channel of a pixel: a second, pixel-parallel
 // pass over a full-size dp buffer (the probabilities of the first, pixel-parallel softmax pass are
 // kept in a temporary buffer, so exp runs once per element).
+// Working set per thread: three full-resolution padded planes (600 KiB at 224 x 224) and the coarse scales'
+// buffers, so that every pass over a plane after its load hits L2.
 //
 // Determinism: per-plane loss partials in double, combined in plane order after the parallel loop.
 // Memory: only grad_pred (pred's size) outlives the call; buffers are per thread or temporary.
 
+#include "medattn/acc_run.h"  // load_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
-#include "medattn/vec_math.h"  // exp_nonpositive, Vectorized
+#include "medattn/vec_math.h"  // exp_nonpositive, lane_sum, Vectorized
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace medattn {
@@ -45,216 +50,242 @@ struct Scale {
   double coef;  // w_s * (1 / number of terms of the reduction)
 };
 
+// A padded (rows + 2) x (cols + 2) map: element (i, j) of the interior is at data[(i + 1) * stride + j + 1].
 template <typename acc>
-struct PlaneBuffers {
-  std::vector<acc> ppad, ypad, apad;          // (Hs+2) x (Ws+2): padded pooled maps and adjoint
-  std::vector<acc> vs_p, vd_p, vs_y, vd_y;    // Ws+2: vertical stencils of one row
-  std::vector<acc> ax, ay;                    // Ws+4: adjoint coefficients with two zeros each side
-  std::vector<acc> row;                       // Ws: pooling accumulator
-  std::vector<acc> mag_p, mag_y;              // Ws: G(P), G(Q) of one row
-
-  void resize(int64_t Hs, int64_t Ws) {
-    const size_t padded = static_cast<size_t>((Hs + 2) * (Ws + 2));
-    if (ppad.size() < padded) {
-      ppad.resize(padded);
-      ypad.resize(padded);
-      apad.resize(padded);
-    }
-    if (vs_p.size() < static_cast<size_t>(Ws + 2)) {
-      for (auto* v : {&vs_p, &vd_p, &vs_y, &vd_y}) v->resize(Ws + 2);
-      ax.resize(Ws + 4);
-      ay.resize(Ws + 4);
-      row.resize(Ws);
-      mag_p.resize(Ws);
-      mag_y.resize(Ws);
-    }
-  }
+struct Padded {
+  acc* data;
+  int64_t rows, cols;
+  int64_t stride() const { return cols + 2; }
+  acc* row(int64_t padded_row) const { return data + padded_row * stride(); }
+  acc* interior_row(int64_t i) const { return data + (i + 1) * stride() + 1; }
 };
 
-// row[j] += sum_{k<s} in[j*s + k] and out[j*s + k] += v[j]: the pooling and its adjoint along a row.
-// The common factors get a compile-time s, with which GCC vectorises the strided accesses.
-template <int S, typename acc>
-inline void add_block_sums_fixed(const acc* in, acc* row, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    acc sum = 0;
-    for (int k = 0; k < S; ++k) sum += in[j * S + k];
-    row[j] += sum;
+template <typename acc>
+inline void resize_padded(std::vector<acc>& buf, int64_t rows, int64_t cols) {
+  const size_t n = static_cast<size_t>((rows + 2) * (cols + 2));
+  if (buf.size() < n) buf.resize(n);
+}
+
+// Replicates the interior's edges into the padding ring (the corners from the edge rows).
+template <typename acc>
+void replicate_ring(const Padded<acc>& m) {
+  for (int64_t i = 0; i < m.rows; ++i) {
+    acc* r = m.interior_row(i);
+    r[-1] = r[0];
+    r[m.cols] = r[m.cols - 1];
+  }
+  std::copy(m.row(1), m.row(1) + m.stride(), m.row(0));
+  std::copy(m.row(m.rows), m.row(m.rows) + m.stride(), m.row(m.rows + 1));
+}
+
+// The adjoint of replicate_ring: the ring's values are added onto the edge pixels they were read from.
+template <typename acc>
+void fold_ring(const Padded<acc>& a) {
+  using Vec = Vectorized<acc>;
+  const int64_t Wp = a.stride();
+  for (int64_t k = 0; k < Wp; k += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), Wp - k);
+    (Vec::loadu(a.row(1) + k, n) + Vec::loadu(a.row(0) + k, n)).store(a.row(1) + k, n);
+    (Vec::loadu(a.row(a.rows) + k, n) + Vec::loadu(a.row(a.rows + 1) + k, n)).store(a.row(a.rows) + k, n);
+  }
+  for (int64_t i = 0; i < a.rows; ++i) {
+    acc* r = a.interior_row(i);
+    r[0] += r[-1];
+    r[a.cols - 1] += r[a.cols];
   }
 }
 
+// v[j] = sum_{k < s} v[j s + k] for j < n, in place (pairwise halvings on vectors when s is a power of two).
 template <typename acc>
-inline void add_block_sums(const acc* in, acc* row, int64_t n, int64_t s) {
-  switch (s) {
-    case 2: return add_block_sums_fixed<2>(in, row, n);
-    case 4: return add_block_sums_fixed<4>(in, row, n);
-    case 8: return add_block_sums_fixed<8>(in, row, n);
-    default:
-      for (int64_t j = 0; j < n; ++j) {
-        acc sum = 0;
-        for (int64_t k = 0; k < s; ++k) sum += in[j * s + k];
-        row[j] += sum;
-      }
-  }
-}
-
-template <int S, typename acc>
-inline void spread_fixed(const acc* v, acc* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int k = 0; k < S; ++k) out[j * S + k] += v[j];
-}
-
-template <typename acc>
-inline void spread(const acc* v, acc* out, int64_t n, int64_t s) {
-  switch (s) {
-    case 1:
-      for (int64_t j = 0; j < n; ++j) out[j] += v[j];
-      return;
-    case 2: return spread_fixed<2>(v, out, n);
-    case 4: return spread_fixed<4>(v, out, n);
-    case 8: return spread_fixed<8>(v, out, n);
-    default:
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t k = 0; k < s; ++k) out[j * s + k] += v[j];
-  }
-}
-
-// Writes the s x s average pool of plane u (H x W) into the interior of the padded buffer, then
-// replicates the edges into the padding ring.
-template <typename acc>
-void pool_padded(const acc* u, int64_t W, const Scale& sc, acc* pad, acc* row) {
-  const int64_t s = sc.s, Hs = sc.Hs, Ws = sc.Ws, Wp = Ws + 2;
-  const acc inv_area = acc(1) / static_cast<acc>(s * s);
-  for (int64_t i = 0; i < Hs; ++i) {
-    acc* out = pad + (i + 1) * Wp + 1;
-    if (s == 1) {
-      std::copy(u + i * W, u + i * W + Ws, out);
-    } else {
-      std::fill(row, row + Ws, acc(0));
-      for (int64_t a = 0; a < s; ++a) add_block_sums(u + (i * s + a) * W, row, Ws, s);
-      for (int64_t j = 0; j < Ws; ++j) out[j] = row[j] * inv_area;
+void block_sums_inplace(acc* v, int64_t n, int64_t s) {
+  using Vec = Vectorized<acc>;
+  if ((s & (s - 1)) != 0) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc sum = v[j * s];
+      for (int64_t k = 1; k < s; ++k) sum += v[j * s + k];
+      v[j] = sum;
     }
-    out[-1] = out[0];
-    out[Ws] = out[Ws - 1];
+    return;
   }
-  std::copy(pad + Wp, pad + 2 * Wp, pad);
-  std::copy(pad + Hs * Wp, pad + (Hs + 1) * Wp, pad + (Hs + 1) * Wp);
-}
-
-template <typename acc>
-inline void vertical_stencils(const acc* pad, int64_t i, int64_t Wp, acc* vs, acc* vd) {
-  const acc* r0 = pad + i * Wp;
-  const acc* r1 = r0 + Wp;
-  const acc* r2 = r1 + Wp;
-  for (int64_t j = 0; j < Wp; ++j) {
-    vs[j] = r0[j] + acc(2) * r1[j] + r2[j];
-    vd[j] = r2[j] - r0[j];
+  for (int64_t width = s; width > 1; width /= 2) {  // n * width values -> n * width / 2 pair sums
+    const int64_t pairs = n * width / 2;
+    int64_t j = 0;
+    for (; j + Vec::size() <= pairs; j += Vec::size()) {
+      const auto [even, odd] = at::vec::deinterleave2(Vec::loadu(v + 2 * j), Vec::loadu(v + 2 * j + Vec::size()));
+      (even + odd).store(v + j);
+    }
+    for (; j < pairs; ++j) v[j] = v[2 * j] + v[2 * j + 1];
   }
 }
 
-// In-place sqrt of a row on this pass's vectors (IEEE correctly rounded, as std::sqrt; NaN in, NaN out).
-// Explicit vectors because std::sqrt may set errno, a side effect that keeps GCC from vectorising a loop
-// that calls it.
+// v[x] = v[x / s] for x < n s, in place (repeated duplication on vectors when s is a power of two).
 template <typename acc>
-inline void sqrt_inplace(acc* x, int64_t n) {
-  using V = Vectorized<acc>;
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) V::loadu(x + j).sqrt().store(x + j);
-  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
+void expand_inplace(acc* v, int64_t n, int64_t s) {
+  using Vec = Vectorized<acc>;
+  if ((s & (s - 1)) != 0) {
+    for (int64_t x = n * s - 1; x >= 0; --x) v[x] = v[x / s];
+    return;
+  }
+  for (int64_t width = 1; width < s; width *= 2) {  // n * width values -> each one twice
+    const int64_t m = n * width;
+    int64_t j = m;
+    // From the back, so that writes (2j, 2j+1) never overwrite unread values (index >= j).
+    for (; j >= Vec::size(); j -= Vec::size()) {
+      const Vec x = Vec::loadu(v + j - Vec::size());
+      const auto [lo, hi] = at::vec::interleave2(x, x);
+      hi.store(v + 2 * j - Vec::size());
+      lo.store(v + 2 * j - 2 * Vec::size());
+    }
+    for (--j; j >= 0; --j) v[2 * j] = v[2 * j + 1] = v[j];
+  }
 }
 
-// The abs adjoint as torch computes it: sign(d), 0 at 0 and at NaN (torch.sign(nan) == 0).
+// The s x s average pool of the full-resolution interior `u` into the interior of `out`, then its ring.
+// `row` holds Ws * s values.
 template <typename acc>
-inline acc sgn(acc d) {
-  return static_cast<acc>(d > acc(0)) - static_cast<acc>(d < acc(0));
+void pool_padded(const Padded<acc>& u, int64_t s, const Padded<acc>& out, acc* row) {
+  using Vec = Vectorized<acc>;
+  const int64_t n = out.cols * s;
+  const Vec inv_area(acc(1) / static_cast<acc>(s * s));
+  for (int64_t i = 0; i < out.rows; ++i) {
+    std::copy(u.interior_row(i * s), u.interior_row(i * s) + n, row);
+    for (int64_t a = 1; a < s; ++a) {
+      const acc* in = u.interior_row(i * s + a);
+      for (int64_t x = 0; x < n; x += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), n - x);
+        (Vec::loadu(row + x, cnt) + Vec::loadu(in + x, cnt)).store(row + x, cnt);
+      }
+    }
+    block_sums_inplace(row, out.cols, s);
+    acc* o = out.interior_row(i);
+    for (int64_t j = 0; j < out.cols; j += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), out.cols - j);
+      (Vec::loadu(row + j, cnt) * inv_area).store(o + j, cnt);
+    }
+  }
+  replicate_ring(out);
 }
 
-// One scale of one plane: returns sum |G(P) - G(Q)|; with dp, adds the scale's gradient to dp (H x W).
+// The adjoint of pool_padded's pooling: full-resolution interior `grad` += a / s^2 over each s x s block.
 template <typename acc>
-double plane_scale(const acc* p, const acc* y, acc* dp, int64_t W, const Scale& sc, acc eps, PlaneBuffers<acc>& buf) {
-  const int64_t s = sc.s, Hs = sc.Hs, Ws = sc.Ws, Wp = Ws + 2;
-  buf.resize(Hs, Ws);
-  acc* ppad = buf.ppad.data();
-  acc* ypad = buf.ypad.data();
-  acc* apad = buf.apad.data();
-  pool_padded(p, W, sc, ppad, buf.row.data());
-  pool_padded(y, W, sc, ypad, buf.row.data());
-  const bool grad = dp != nullptr;
-  if (grad) std::fill(apad, apad + (Hs + 2) * Wp, acc(0));
-  acc* vs_p = buf.vs_p.data();
-  acc* vd_p = buf.vd_p.data();
-  acc* vs_y = buf.vs_y.data();
-  acc* vd_y = buf.vd_y.data();
-  acc* ax = buf.ax.data() + 2;  // ax[-2..-1] and ax[Ws..Ws+1] stay zero
-  acc* ay = buf.ay.data() + 2;
-  acc* mag_p = buf.mag_p.data();
-  acc* mag_y = buf.mag_y.data();
+void spread_pool_adjoint(const Padded<acc>& a, int64_t s, const Padded<acc>& grad, acc* row) {
+  using Vec = Vectorized<acc>;
+  const int64_t n = a.cols * s;
+  const Vec inv_area(acc(1) / static_cast<acc>(s * s));
+  for (int64_t i = 0; i < a.rows; ++i) {
+    const acc* in = a.interior_row(i);
+    for (int64_t j = 0; j < a.cols; j += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), a.cols - j);
+      (Vec::loadu(in + j, cnt) * inv_area).store(row + j, cnt);
+    }
+    expand_inplace(row, a.cols, s);
+    for (int64_t r = 0; r < s; ++r) {
+      acc* out = grad.interior_row(i * s + r);
+      for (int64_t x = 0; x < n; x += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), n - x);
+        (Vec::loadu(out + x, cnt) + Vec::loadu(row + x, cnt)).store(out + x, cnt);
+      }
+    }
+  }
+}
+
+// Sobel pair / 8 of padded rows r0, r1, r2 at the vector of outputs j (its cnt first lanes valid).
+template <typename acc>
+inline void sobel_at(const acc* r0, const acc* r1, const acc* r2, int64_t j, int64_t cnt, Vectorized<acc>& gx,
+                     Vectorized<acc>& gy) {
+  using Vec = Vectorized<acc>;
+  const Vec a0 = Vec::loadu(r0 + j, cnt), a1 = Vec::loadu(r0 + j + 1, cnt), a2 = Vec::loadu(r0 + j + 2, cnt);
+  const Vec c0 = Vec::loadu(r2 + j, cnt), c1 = Vec::loadu(r2 + j + 1, cnt), c2 = Vec::loadu(r2 + j + 2, cnt);
+  const Vec b0 = Vec::loadu(r1 + j, cnt), b2 = Vec::loadu(r1 + j + 2, cnt);
+  const Vec two(2), eighth(0.125);
+  gx = ((a2 - a0) + two * (b2 - b0) + (c2 - c0)) * eighth;
+  gy = ((c0 - a0) + two * (c1 - a1) + (c2 - a2)) * eighth;
+}
+
+// sgn(d) as torch's abs backward: 0 at 0 and at NaN (torch.sign(nan) == 0 there).
+template <typename acc>
+inline Vectorized<acc> sgn(const Vectorized<acc>& d) {
+  using Vec = Vectorized<acc>;
+  return Vec::blendv(Vec(0), Vec(1), d > Vec(0)) - Vec::blendv(Vec(0), Vec(1), d < Vec(0));
+}
+
+// inv ~ 1 / sqrt(x) for x >= eps > 0 (the squared magnitudes): the hardware estimate (14 bits in AVX512,
+// 12 in AVX2) and one Newton step, r (1.5 - 0.5 x r^2), which leaves 1-2 ulp of float; sqrt(x) is then
+// x * inv. Both replace a sqrt and a division per lane (the two longest-latency, lowest-throughput
+// instructions of the loop). x = +inf keeps sqrt = inf, inv = 0; NaN stays NaN. float64 and the DEFAULT
+// pass: the correctly rounded sqrt and a division.
+template <typename acc>
+inline void sqrt_and_inverse(const Vectorized<acc>& x, Vectorized<acc>& root, Vectorized<acc>& inv) {
+  using Vec = Vectorized<acc>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    Vec r(_mm512_rsqrt14_ps(x));
+#else
+    Vec r(_mm256_rsqrt_ps(x));
+#endif
+    r = r * at::vec::fnmadd(Vec(0.5f) * x, r * r, Vec(1.5f));
+    const Vec is_inf = x == Vec(std::numeric_limits<float>::infinity());
+    root = Vec::blendv(x * r, x, is_inf);
+    inv = Vec::blendv(r, Vec(0), is_inf);
+    return;
+  }
+#endif
+  root = x.sqrt();
+  inv = Vec(1) / root;
+}
+
+// One scale of one plane: returns sum |G(P) - G(Q)|; with `a` (grad), writes the scale's adjoint w.r.t. P
+// into a's padded buffer, ring folded. ax, ay: Ws + 4 values each (two zero lanes either side).
+template <typename acc>
+double sobel_scale(const Padded<acc>& P, const Padded<acc>& Q, const Padded<acc>* a, acc coef, acc eps, acc* ax_buf,
+                   acc* ay_buf) {
+  using Vec = Vectorized<acc>;
+  const int64_t Hs = P.rows, Ws = P.cols, Wp = P.stride();
+  acc* ax = ax_buf + 2;
+  acc* ay = ay_buf + 2;
   ax[-2] = ax[-1] = ax[Ws] = ax[Ws + 1] = acc(0);
   ay[-2] = ay[-1] = ay[Ws] = ay[Ws + 1] = acc(0);
-  const acc eighth = acc(0.125);
-  const acc coef = static_cast<acc>(sc.coef);
+  if (a) std::fill(a->row(0), a->row(2), acc(0));  // rows 0 and 1 start accumulating; the others are written
+  const Vec veps(eps), vcoef(coef), two(2), eighth(0.125);
   double total = 0;
   for (int64_t i = 0; i < Hs; ++i) {
-    vertical_stencils(ppad, i, Wp, vs_p, vd_p);
-    vertical_stencils(ypad, i, Wp, vs_y, vd_y);
-    // Three branch-free, vectorisable loops: stencils and squared magnitudes, sqrt, then |d| and the
-    // adjoint coefficients (ax, ay hold gx(P), gy(P) until they are scaled).
-    for (int64_t j = 0; j < Ws; ++j) {
-      const acc gxp = (vs_p[j + 2] - vs_p[j]) * eighth;
-      const acc gyp = (vd_p[j] + acc(2) * vd_p[j + 1] + vd_p[j + 2]) * eighth;
-      const acc gxy = (vs_y[j + 2] - vs_y[j]) * eighth;
-      const acc gyy = (vd_y[j] + acc(2) * vd_y[j + 1] + vd_y[j + 2]) * eighth;
-      ax[j] = gxp;
-      ay[j] = gyp;
-      mag_p[j] = gxp * gxp + gyp * gyp + eps;
-      mag_y[j] = gxy * gxy + gyy * gyy + eps;
-    }
-    sqrt_inplace(mag_p, Ws);
-    sqrt_inplace(mag_y, Ws);
-    acc row_sum = 0;
-    for (int64_t j = 0; j < Ws; ++j) {
-      const acc d = mag_p[j] - mag_y[j];
-      row_sum += std::abs(d);
-      const acc k = coef * sgn(d) / mag_p[j];  // also computed without grad: keeps the loop branch-free
-      ax[j] *= k;
-      ay[j] *= k;
-    }
-    total += static_cast<double>(row_sum);
-    if (grad) {
-      // Transposed stencils, in padded coordinates: gx[j] = (vs[j+2] - vs[j]) / 8 gives
-      // tx[k] = (ax[k-2] - ax[k]) / 8; gy[j] = (vd[j] + 2 vd[j+1] + vd[j+2]) / 8 gives
-      // ty[k] = (ay[k] + 2 ay[k-1] + ay[k-2]) / 8; then vs = r0 + 2 r1 + r2 and vd = r2 - r0 spread
-      // tx, ty over the three padded rows i, i+1, i+2.
-      acc* a0 = apad + i * Wp;
-      acc* a1 = a0 + Wp;
-      acc* a2 = a1 + Wp;
-      for (int64_t k = 0; k < Wp; ++k) {
-        const acc tx = (ax[k - 2] - ax[k]) * eighth;
-        const acc ty = (ay[k] + acc(2) * ay[k - 1] + ay[k - 2]) * eighth;
-        a0[k] += tx - ty;
-        a1[k] += acc(2) * tx;
-        a2[k] += tx + ty;
+    Vec row_sum(0);
+    for (int64_t j = 0; j < Ws; j += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), Ws - j);
+      Vec gxp, gyp, gxq, gyq;
+      sobel_at(P.row(i), P.row(i + 1), P.row(i + 2), j, cnt, gxp, gyp);
+      sobel_at(Q.row(i), Q.row(i + 1), Q.row(i + 2), j, cnt, gxq, gyq);
+      Vec mp, inv_mp, mq, inv_mq;
+      sqrt_and_inverse(gxp * gxp + gyp * gyp + veps, mp, inv_mp);
+      sqrt_and_inverse(gxq * gxq + gyq * gyq + veps, mq, inv_mq);
+      const Vec d = mp - mq;
+      row_sum = row_sum + Vec::set(Vec(0), d.abs(), cnt);
+      if (a) {
+        const Vec k = vcoef * sgn(d) * inv_mp;
+        (gxp * k).store(ax + j, cnt);
+        (gyp * k).store(ay + j, cnt);
       }
     }
+    total += static_cast<double>(lane_sum(row_sum));
+    if (!a) continue;
+    // Transposed stencils, in padded coordinates: gx[j] = (vs[j+2] - vs[j]) / 8 gives
+    // tx[k] = (ax[k-2] - ax[k]) / 8; gy[j] = (vd[j] + 2 vd[j+1] + vd[j+2]) / 8 gives
+    // ty[k] = (ay[k] + 2 ay[k-1] + ay[k-2]) / 8; then vs = r0 + 2 r1 + r2 and vd = r2 - r0 spread
+    // tx, ty over the three padded rows i, i+1, i+2.
+    acc* a0 = a->row(i);
+    acc* a1 = a->row(i + 1);
+    acc* a2 = a->row(i + 2);
+    for (int64_t k = 0; k < Wp; k += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), Wp - k);
+      const Vec tx = (Vec::loadu(ax + k - 2, cnt) - Vec::loadu(ax + k, cnt)) * eighth;
+      const Vec ty = (Vec::loadu(ay + k, cnt) + two * Vec::loadu(ay + k - 1, cnt) + Vec::loadu(ay + k - 2, cnt)) * eighth;
+      (Vec::loadu(a0 + k, cnt) + (tx - ty)).store(a0 + k, cnt);
+      at::vec::fmadd(two, tx, Vec::loadu(a1 + k, cnt)).store(a1 + k, cnt);
+      (tx + ty).store(a2 + k, cnt);
+    }
   }
-  if (!grad) return total;
-  // Adjoint of replicate padding: fold the ring onto the edge rows, then columns.
-  for (int64_t k = 0; k < Wp; ++k) {
-    apad[Wp + k] += apad[k];
-    apad[Hs * Wp + k] += apad[(Hs + 1) * Wp + k];
-  }
-  for (int64_t i = 1; i <= Hs; ++i) {
-    acc* r = apad + i * Wp;
-    r[1] += r[0];
-    r[Ws] += r[Ws + 1];
-  }
-  // Adjoint of the average pool: dP / s^2 over each s x s block.
-  const acc inv_area = acc(1) / static_cast<acc>(s * s);
-  acc* scaled = buf.row.data();
-  for (int64_t i = 0; i < Hs; ++i) {
-    const acc* a = apad + (i + 1) * Wp + 1;
-    for (int64_t j = 0; j < Ws; ++j) scaled[j] = a[j] * inv_area;
-    for (int64_t r = 0; r < s; ++r) spread(s == 1 ? a : scaled, dp + (i * s + r) * W, Ws, s);
-  }
+  if (a) fold_ring(*a);
   return total;
 }
 
@@ -266,66 +297,139 @@ struct Problem {
   std::vector<Scale> scales;
 };
 
+// Per-thread buffers: the full-resolution padded planes of p, y and the adjoint (whose interior is the
+// plane's gradient), one scale's pooled maps and adjoint, and rows.
+template <typename acc>
+struct PlaneBuffers {
+  std::vector<acc> base_p, base_y, base_a, pool_p, pool_y, pool_a, ax, ay, row;
+
+  explicit PlaneBuffers(const Problem& pb) {
+    resize_padded(base_p, pb.H, pb.W);
+    resize_padded(base_y, pb.H, pb.W);
+    if (pb.grad) resize_padded(base_a, pb.H, pb.W);
+    int64_t max_ws = 0;
+    for (const Scale& sc : pb.scales) max_ws = std::max(max_ws, sc.Ws);
+    ax.resize(max_ws + 4);
+    ay.resize(max_ws + 4);
+    row.resize(pb.W);
+  }
+  Padded<acc> map(std::vector<acc>& buf, int64_t rows, int64_t cols) {
+    resize_padded(buf, rows, cols);
+    return {buf.data(), rows, cols};
+  }
+};
+
+// Loads plane (b, c) into the padded full-resolution p and y: probabilities (pred, or the softmax pass's
+// probs) and the target, with int64 labels one-hot encoded and ignored pixels zeroed in both. Each image's
+// labels are checked once, by its first plane: the first out-of-range label goes to bad_label.
+template <typename scalar_t>
+void load_plane(const Problem& pb, int64_t b, int64_t c, const scalar_t* pred, const scalar_t* target_f,
+                const int64_t* labels, const acc_t<scalar_t>* probs, const Padded<acc_t<scalar_t>>& p,
+                const Padded<acc_t<scalar_t>>& y, int64_t& bad_label) {
+  using acc = acc_t<scalar_t>;
+  const int64_t W = pb.W, HW = pb.H * pb.W, off = (b * pb.C + c) * HW;
+  for (int64_t i = 0; i < pb.H; ++i) {
+    acc* pr = p.interior_row(i);
+    acc* yr = y.interior_row(i);
+    const int64_t row = off + i * W;
+    if (probs) {
+      std::copy(probs + row, probs + row + W, pr);
+    } else if constexpr (converts_runs<scalar_t>) {
+      at::vec::convert(pred + row, pr, W);
+    } else {
+      std::copy(pred + row, pred + row + W, pr);
+    }
+    if (!pb.labels) {
+      if constexpr (converts_runs<scalar_t>) {
+        at::vec::convert(target_f + row, yr, W);
+      } else {
+        std::copy(target_f + row, target_f + row + W, yr);
+      }
+      continue;
+    }
+    const int64_t* lab = labels + b * HW + i * W;
+    const int64_t ignore = pb.ignore_index;
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t l = lab[j];
+      const acc valid = l != ignore ? acc(1) : acc(0);
+      yr[j] = l == c ? valid : acc(0);
+      pr[j] *= valid;  // a multiply, not a select: NaN in pred still propagates as in the reference
+    }
+    if (c == 0) {  // each image's labels are checked once, by its first plane
+      bool bad = false;
+      for (int64_t j = 0; j < W; ++j) bad |= (lab[j] < 0 || lab[j] >= pb.C) && lab[j] != ignore;
+      if (bad && bad_label == kNoIgnore)
+        for (int64_t j = 0; j < W; ++j)
+          if ((lab[j] < 0 || lab[j] >= pb.C) && lab[j] != ignore) {
+            bad_label = lab[j];
+            break;
+          }
+    }
+  }
+  replicate_ring(p);
+  replicate_ring(y);
+}
+
 template <typename scalar_t>
 void run(const Problem& pb, const scalar_t* pred, const scalar_t* target_f, const int64_t* labels,
          acc_t<scalar_t>* probs /* from_logits: softmax of pred, [B,C,H,W] */,
          acc_t<scalar_t>* dp_full /* from_logits: plane gradients before the softmax adjoint */,
          scalar_t* grad_out, std::vector<double>& plane_loss, std::vector<int64_t>& bad_label) {
   using acc = acc_t<scalar_t>;
-  const int64_t C = pb.C, HW = pb.H * pb.W;
+  const int64_t C = pb.C, H = pb.H, W = pb.W, HW = H * W;
+  // The first scale-1 entry writes the full-resolution adjoint directly; the others spread into it.
+  int64_t direct = -1;
+  for (size_t k = 0; k < pb.scales.size() && direct < 0; ++k)
+    if (pb.scales[k].s == 1 && pb.scales[k].Hs > 0 && pb.scales[k].Ws > 0) direct = static_cast<int64_t>(k);
   at::parallel_for(0, pb.B * C, 1, [&](int64_t begin, int64_t end) {
-    PlaneBuffers<acc> buf;
-    std::vector<acc> p(HW), y(HW), dp(pb.grad ? HW : 0);
+    PlaneBuffers<acc> buf(pb);
+    const Padded<acc> p = buf.map(buf.base_p, H, W), y = buf.map(buf.base_y, H, W);
+    const Padded<acc> a = pb.grad ? buf.map(buf.base_a, H, W) : Padded<acc>{nullptr, H, W};
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / C, c = plane % C;
-      const int64_t off = plane * HW;
-      if (pb.from_logits) {
-        std::copy(probs + off, probs + off + HW, p.begin());
-      } else {
-        for (int64_t i = 0; i < HW; ++i) p[i] = static_cast<acc>(pred[off + i]);
-      }
-      if (pb.labels) {
-        const int64_t* lab = labels + b * HW;
-        for (int64_t i = 0; i < HW; ++i) {
-          const int64_t l = lab[i];
-          const acc valid = l != pb.ignore_index ? acc(1) : acc(0);
-          y[i] = l == c && valid != acc(0) ? acc(1) : acc(0);
-          p[i] *= valid;  // a multiply, not a select: NaN in pred still propagates as in the reference
-        }
-        if (c == 0) {  // each image's labels are checked once, by its first plane
-          for (int64_t i = 0; i < HW; ++i) {
-            const int64_t l = lab[i];
-            if ((l < 0 || l >= C) && l != pb.ignore_index) {
-              bad_label[b] = l;
-              break;
-            }
-          }
-        }
-      } else {
-        for (int64_t i = 0; i < HW; ++i) y[i] = static_cast<acc>(target_f[off + i]);
-      }
-      if (pb.grad) std::fill(dp.begin(), dp.end(), acc(0));
+      load_plane<scalar_t>(pb, b, c, pred, target_f, labels, probs, p, y, bad_label[b]);
+      if (pb.grad && direct < 0) std::fill(buf.base_a.begin(), buf.base_a.end(), acc(0));
       double loss = 0;
-      for (const Scale& sc : pb.scales) {
-        if (sc.Hs == 0 || sc.Ws == 0) continue;
-        loss += sc.coef * plane_scale<acc>(p.data(), y.data(), pb.grad ? dp.data() : nullptr, pb.W, sc,
-                                           static_cast<acc>(pb.eps), buf);
+      if (direct >= 0) {
+        const Scale& sc = pb.scales[direct];
+        loss += sc.coef * sobel_scale<acc>(p, y, pb.grad ? &a : nullptr, static_cast<acc>(sc.coef),
+                                           static_cast<acc>(pb.eps), buf.ax.data(), buf.ay.data());
+      }
+      for (size_t k = 0; k < pb.scales.size(); ++k) {
+        const Scale& sc = pb.scales[k];
+        if (static_cast<int64_t>(k) == direct || sc.Hs == 0 || sc.Ws == 0) continue;
+        const Padded<acc> ps = sc.s == 1 ? p : buf.map(buf.pool_p, sc.Hs, sc.Ws);
+        const Padded<acc> ys = sc.s == 1 ? y : buf.map(buf.pool_y, sc.Hs, sc.Ws);
+        if (sc.s > 1) {
+          pool_padded(p, sc.s, ps, buf.row.data());
+          pool_padded(y, sc.s, ys, buf.row.data());
+        }
+        const Padded<acc> as = buf.map(buf.pool_a, sc.Hs, sc.Ws);
+        loss += sc.coef * sobel_scale<acc>(ps, ys, pb.grad ? &as : nullptr, static_cast<acc>(sc.coef),
+                                           static_cast<acc>(pb.eps), buf.ax.data(), buf.ay.data());
+        if (pb.grad) spread_pool_adjoint(as, sc.s, a, buf.row.data());
       }
       plane_loss[plane] = loss;
       if (!pb.grad) continue;
-      if (pb.labels) {
-        const int64_t* lab = labels + b * HW;
-        for (int64_t i = 0; i < HW; ++i) dp[i] *= lab[i] != pb.ignore_index ? acc(1) : acc(0);
-      }
-      if (pb.from_logits) {
-        std::copy(dp.begin(), dp.end(), dp_full + off);
-      } else {
-        for (int64_t i = 0; i < HW; ++i) grad_out[off + i] = static_cast<scalar_t>(dp[i]);
+      // d loss / d p: the adjoint's interior, masked where labels are ignored.
+      const int64_t off = plane * HW;
+      for (int64_t i = 0; i < H; ++i) {
+        acc* g = a.interior_row(i);
+        if (pb.labels) {
+          const int64_t* lab = labels + b * HW + i * W;
+          for (int64_t j = 0; j < W; ++j) g[j] *= lab[j] != pb.ignore_index ? acc(1) : acc(0);
+        }
+        if (pb.from_logits) {
+          std::copy(g, g + W, dp_full + off + i * W);
+        } else if constexpr (converts_runs<scalar_t>) {
+          at::vec::convert(g, grad_out + off + i * W, W);
+        } else {
+          std::copy(g, g + W, grad_out + off + i * W);
+        }
       }
     }
   });
 }
-
 
 // Pixel tiles of one image for the two channel-wise passes (softmax and its adjoint).
 constexpr int64_t kPixelTile = 512;
@@ -341,29 +445,42 @@ void for_each_pixel_tile(int64_t B, int64_t HW, const Fn& fn) {
   });
 }
 
-// probs = softmax_c(pred), in the accumulation type.
+// probs = softmax_c(pred), in the accumulation type. NaN propagates (at::vec::maximum keeps NaN, and
+// exp_nonpositive(NaN) is NaN).
 template <typename scalar_t>
 void softmax_pass(const scalar_t* pred, acc_t<scalar_t>* probs, int64_t B, int64_t C, int64_t HW) {
   using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
   for_each_pixel_tile(B, HW, [&](int64_t b, int64_t p0, int64_t p1) {
     const int64_t P = p1 - p0;
-    std::vector<acc> mx(P, -std::numeric_limits<acc>::infinity()), sum(P, acc(0));
+    acc inv_sum[kPixelTile];
     const scalar_t* z = pred + b * C * HW + p0;
     acc* out = probs + b * C * HW + p0;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < P; ++i) {
-        const acc v = static_cast<acc>(z[c * HW + i]);
-        mx[i] = (v > mx[i] || v != v) ? v : mx[i];  // NaN wins, so it propagates like torch.softmax
+    // The tile's logits, as acc, into the output rows first (they are overwritten by the exps).
+    for (int64_t c = 0; c < C; ++c) {
+      if constexpr (converts_runs<scalar_t>) {
+        at::vec::convert(z + c * HW, out + c * HW, P);
+      } else {
+        std::copy(z + c * HW, z + c * HW + P, out + c * HW);
       }
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < P; ++i) {
-        const acc e = exp_nonpositive(static_cast<acc>(z[c * HW + i]) - mx[i]);
-        out[c * HW + i] = e;
-        sum[i] += e;
+    }
+    for (int64_t i = 0; i < P; i += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), P - i);
+      Vec m = Vec::loadu(out + i, n);
+      for (int64_t c = 1; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(out + c * HW + i, n));
+      Vec s(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec e = exp_nonpositive(Vec::loadu(out + c * HW + i, n) - m);
+        e.store(out + c * HW + i, n);
+        s = s + e;
       }
-    for (int64_t i = 0; i < P; ++i) sum[i] = acc(1) / sum[i];
+      (Vec(1) / s).store(inv_sum + i, n);
+    }
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < P; ++i) out[c * HW + i] *= sum[i];
+      for (int64_t i = 0; i < P; i += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), P - i);
+        (Vec::loadu(out + c * HW + i, n) * Vec::loadu(inv_sum + i, n)).store(out + c * HW + i, n);
+      }
   });
 }
 
@@ -372,16 +489,32 @@ template <typename scalar_t>
 void softmax_adjoint_pass(const acc_t<scalar_t>* probs, const acc_t<scalar_t>* dp, scalar_t* grad, int64_t B,
                           int64_t C, int64_t HW) {
   using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
   for_each_pixel_tile(B, HW, [&](int64_t b, int64_t p0, int64_t p1) {
     const int64_t P = p1 - p0, base = b * C * HW + p0;
-    std::vector<acc> dot(P, acc(0));
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < P; ++i) dot[i] += probs[base + c * HW + i] * dp[base + c * HW + i];
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < P; ++i) {
-        const int64_t k = base + c * HW + i;
-        grad[k] = static_cast<scalar_t>(probs[k] * (dp[k] - dot[i]));
+    acc out[kPixelTile];
+    for (int64_t i = 0; i < P; i += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), P - i);
+      Vec dot(0);
+      for (int64_t c = 0; c < C; ++c)
+        dot = at::vec::fmadd(Vec::loadu(probs + base + c * HW + i, n), Vec::loadu(dp + base + c * HW + i, n), dot);
+      dot.store(out + i, n);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const acc* pc = probs + base + c * HW;
+      const acc* dc = dp + base + c * HW;
+      for (int64_t i = 0; i < P; i += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), P - i);
+        const Vec g = Vec::loadu(pc + i, n) * (Vec::loadu(dc + i, n) - Vec::loadu(out + i, n));
+        if constexpr (converts_runs<scalar_t>) {
+          acc tmp[Vec::size()];
+          g.store(tmp, n);
+          at::vec::convert(tmp, grad + base + c * HW + i, n);
+        } else {
+          g.store(grad + base + c * HW + i, n);
+        }
       }
+    }
   });
 }
 
