@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..ops.cross_attention import lse_dtype
+from ._common import launch
 
 ALLOW_TF32 = os.environ.get("MEDATTN_TRITON_TF32", "1") not in ("0", "false", "False")
 MAX_HEAD_DIM = 256
@@ -174,11 +175,11 @@ def _forward_problems(problems, scale, gate=None):
     max_dv = max(p[2].shape[3] for p in problems)
     block_m, block_n = _blocks(D, max_dv)
     max_nq = max(p[0].shape[2] for p in problems)
-    if B * H > 0 and max_nq > 0:
-        grid = (triton.cdiv(max_nq, block_m), B * H, len(problems))
-        _fwd_kernel[grid](H, D, _scale(D, scale), *args, HAS_GATE=gate is not None, BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                          BLOCK_DV=max(16, triton.next_power_of_2(max_dv)), PRECISION=_precision(q0.dtype), UPCAST=_upcast(q0.dtype))
+    grid = (triton.cdiv(max_nq, block_m), B * H, len(problems))
+    launch(_fwd_kernel, grid, (H, D, _scale(D, scale), *args),
+           dict(HAS_GATE=gate is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(max_dv)), PRECISION=_precision(q0.dtype),
+                UPCAST=_upcast(q0.dtype)), num_warps=4, num_stages=3)
     return results
 
 
@@ -302,11 +303,10 @@ def _backward_problems(problems, scale):
     if len(problems) == 1:
         args += args
         kv_blocks += kv_blocks
-    if B * H > 0 and max(programs) > 0:
-        grid = (max(programs), B * H, len(problems))
-        _bwd_kernel[grid](H, D, _scale(D, scale), *args, *kv_blocks, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_D=max(16, triton.next_power_of_2(D)),
-                          BLOCK_DV=max(16, triton.next_power_of_2(max_dv)), PRECISION=_precision(q0.dtype), UPCAST=_upcast(q0.dtype))
+    launch(_bwd_kernel, (max(programs), B * H, len(problems)), (H, D, _scale(D, scale), *args, *kv_blocks),
+           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(max_dv)), PRECISION=_precision(q0.dtype),
+                UPCAST=_upcast(q0.dtype)), num_warps=4, num_stages=3)
     return results
 
 
@@ -460,11 +460,12 @@ def tied_backward(grad_o_a, grad_o_b, r_a, v_a, r_b, v_b, o_a, o_b, lse_row, lse
     block_m, block_n = _blocks(D, max(dva_dim, dvb_dim))
     col_blocks = triton.cdiv(NB, block_n)
     programs = col_blocks + triton.cdiv(NA, block_m)
-    if B * H > 0 and programs > 0:
-        _tied_bwd_kernel[(programs, B * H)](
-            H, D, _scale(D, scale), r_a, v_a, r_b, v_b, grad_o_a.contiguous(), grad_o_b.contiguous(),
+    launch(_tied_bwd_kernel, (programs, B * H),
+           (H, D, _scale(D, scale), r_a, v_a, r_b, v_b, grad_o_a.contiguous(), grad_o_b.contiguous(),
             lse_row.contiguous(), lse_col.contiguous(), _delta(grad_o_a, o_a), _delta(grad_o_b, o_b),
             dr_a, dv_a, dr_b, dv_b, *r_a.stride(), *v_a.stride(), *r_b.stride(), *v_b.stride(), NA, NB, dva_dim,
-            dvb_dim, col_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_DV=max(16, triton.next_power_of_2(max(dva_dim, dvb_dim))), PRECISION=_precision(r_a.dtype), UPCAST=_upcast(r_a.dtype))
+            dvb_dim, col_blocks),
+           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(max(dva_dim, dvb_dim))), PRECISION=_precision(r_a.dtype),
+                UPCAST=_upcast(r_a.dtype)), num_warps=4, num_stages=3)
     return dr_a, dv_a, dr_b, dv_b

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..ops.global_spatial_attention import output_layout
+from ._common import launch
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -142,11 +143,11 @@ def _correlate(src, weight, bias, out_shape, row0, col0, dilation, flip, layout_
     w = weight.contiguous()
     tiles_w = triton.cdiv(out_shape[3], BLOCK_W)
     grid = (B * C, triton.cdiv(out_shape[2], BLOCK_H) * tiles_w)
-    _dw_correlate_kernel[grid](
-        src, w, w if bias is None else bias.contiguous(), dst, C, src.shape[2], src.shape[3], out_shape[2],
-        out_shape[3], row0, col0, KH, KW, dilation[0], dilation[1], tiles_w, *src.stride(), *dst.stride(),
-        HAS_BIAS=bias is not None, FLIP=flip, IEEE=_ieee(src.dtype),
-        BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1]))
+    launch(_dw_correlate_kernel, grid,
+           (src, w, w if bias is None else bias.contiguous(), dst, C, src.shape[2], src.shape[3], out_shape[2],
+            out_shape[3], row0, col0, KH, KW, dilation[0], dilation[1], tiles_w, *src.stride(), *dst.stride()),
+           dict(HAS_BIAS=bias is not None, FLIP=flip, IEEE=_ieee(src.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+                BLOCK_WP=_block_wp(KW, dilation[1])), num_warps=4, num_stages=3)
     return dst
 
 
@@ -171,10 +172,11 @@ def backward(grad_out, x, weight, padding, dilation, output_mask):
         tiles_w = triton.cdiv(WO, BLOCK_W)
         part = torch.zeros((C, KH, tiles_w, KW), dtype=torch.float32, device=x.device)
         if B > 0:
-            _dw_weight_grad_kernel[(C, KH, tiles_w)](
-                grad_out, x, part, B, C, H, W, HO, WO, padding[0], padding[1], KH, KW, dilation[0], dilation[1],
-                tiles_w, *grad_out.stride(), *x.stride(), IEEE=_ieee(x.dtype),
-                BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1]))
+            launch(_dw_weight_grad_kernel, (C, KH, tiles_w),
+                   (grad_out, x, part, B, C, H, W, HO, WO, padding[0], padding[1], KH, KW, dilation[0], dilation[1],
+                    tiles_w, *grad_out.stride(), *x.stride()),
+                   dict(IEEE=_ieee(x.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1])),
+                   num_warps=4, num_stages=3)
         grad_w = part.sum(2).reshape(C, 1, KH, KW).to(x.dtype)
     if output_mask[2]:
         grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(x.dtype)
