@@ -42,6 +42,19 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+@dataclass(frozen=True)
+class AcceptedSpill:
+    """A kernel specialization allowed to spill registers, and why. A Triton module lists these in
+    ACCEPTED_SPILLS; gpu_check fails on any other spill. `when`: constexprs the specialization must have."""
+
+    kernel: str
+    when: Dict[str, Any]
+    reason: str
+
+    def covers(self, kernel: str, constexprs: Dict[str, Any]) -> bool:
+        return kernel == self.kernel and all(constexprs.get(k) == v for k, v in self.when.items())
+
+
 _RECORDED: contextvars.ContextVar[Optional[List[Launch]]] = contextvars.ContextVar("medattn_recorded_launches",
                                                                                    default=None)
 

@@ -19,6 +19,7 @@ from ._common import launch, map_strides
 
 BLOCK = 1024
 TARGET_PROGRAMS = 2048  # about 16 waves of programs on a 132-SM H100
+NUM_WARPS, NUM_STAGES = 4, 3  # 8 values per thread per step
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     partial = torch.empty((C, splits, 2), dtype=acc, device=x.device)
     grid = (C, splits)
     launch(_shifted_sums_kernel, grid, (x, partial, M, HW, chunk, splits, *map_strides(x)),
-           dict(ACC=tl_acc, BLOCK=BLOCK), num_warps=4, num_stages=3)
+           dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     shift = x[0, :, 0, 0].double()
     sums = partial.double().sum(1)
     m1 = sums[:, 0] / M
@@ -147,7 +148,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     mean_hi = mean.to(acc)
     launch(_apply_kernel, grid, (x, y, mean_hi, (mean - mean_hi.double()).to(acc), scale.to(acc), bias.to(acc).contiguous(),
                                  M, HW, chunk, *map_strides(x), float(negative_slope)),
-           dict(ACC=tl_acc, BLOCK=BLOCK), num_warps=4, num_stages=3)
+           dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     return y, mean.to(acc), var.to(acc)
 
 
@@ -164,7 +165,7 @@ def backward(grad_y: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: 
     partial = torch.empty((C, splits, 2), dtype=acc, device=y.device)
     grid = (C, splits)
     launch(_backward_sums_kernel, grid, (y, grad_y, beta, inv_gamma, partial, M, HW, chunk, splits, *map_strides(y),
-                                         float(negative_slope)), dict(ACC=tl_acc, BLOCK=BLOCK), num_warps=4, num_stages=3)
+                                         float(negative_slope)), dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     sums = partial.double().sum(1)
     sum_dz, sum_dz_xhat = sums[:, 0], sums[:, 1]
     absent = y.new_empty((0,))
@@ -176,5 +177,5 @@ def backward(grad_y: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: 
         coef = (gamma.double() * torch.rsqrt(var.double() + eps)).to(acc)
         launch(_grad_x_kernel, grid, (y, grad_y, grad_x, beta, inv_gamma, coef, (sum_dz / M).to(acc),
                                       (sum_dz_xhat / M).to(acc), M, HW, chunk, *map_strides(y), float(negative_slope)),
-               dict(ACC=tl_acc, BLOCK=BLOCK), num_warps=4, num_stages=3)
+               dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     return grad_x, grad_w, grad_b

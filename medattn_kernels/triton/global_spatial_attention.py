@@ -14,6 +14,7 @@ from ..ops.global_spatial_attention import output_layout
 from ._common import launch, map_strides
 
 BLOCK_P = 256
+NUM_WARPS, NUM_STAGES = 4, 3  # 2 pixels per thread; the channel loops hold no shared memory
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def forward(x: torch.Tensor, y=None) -> torch.Tensor:
         return out
     tiles, grid = _grid(x)
     launch(_gsa_forward_kernel, grid, (x, x if y is None else y, out, x.shape[1], x.shape[2] * x.shape[3], tiles,
-                                       *map_strides(x)), dict(HAS_Y=y is not None, BLOCK_P=BLOCK_P), num_warps=4, num_stages=3)
+                                       *map_strides(x)), dict(HAS_Y=y is not None, BLOCK_P=BLOCK_P), NUM_WARPS, NUM_STAGES)
     return out
 
 
@@ -105,5 +106,5 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return grad_x
     tiles, grid = _grid(x)
     launch(_gsa_backward_kernel, grid, (grad_out, x, grad_x, x.shape[1], x.shape[2] * x.shape[3], tiles,
-                                        *map_strides(x)), dict(BLOCK_P=BLOCK_P), num_warps=4, num_stages=3)
+                                        *map_strides(x)), dict(BLOCK_P=BLOCK_P), NUM_WARPS, NUM_STAGES)
     return grad_x

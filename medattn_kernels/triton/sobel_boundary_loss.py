@@ -24,6 +24,7 @@ import triton.language as tl
 from ._common import launch
 
 BLOCK = 256
+NUM_WARPS, NUM_STAGES = 4, 3  # 2 pixels per thread
 
 
 @triton.jit
@@ -210,7 +211,7 @@ def forward(pred: torch.Tensor, target: torch.Tensor, scales, weights, eps: floa
     probs = pred
     if from_logits:
         probs = torch.empty(pred.shape, dtype=torch.float32, device=pred.device)
-        launch(_softmax_kernel, (B * tiles,), (pred, probs, C, HW, tiles), dict(BLOCK=BLOCK), num_warps=4, num_stages=3)
+        launch(_softmax_kernel, (B * tiles,), (pred, probs, C, HW, tiles), dict(BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     gacc = torch.empty(pred.shape, dtype=torch.float32, device=pred.device) if compute_grad else None
     first = True
     for s, w in zip(scales, weights):
@@ -227,17 +228,17 @@ def forward(pred: torch.Tensor, target: torch.Tensor, scales, weights, eps: floa
             ax = ay = partials  # unused
         launch(_scale_forward_kernel, (B * C, nblk), (probs, target, ax, ay, partials, C, H, W, Hs, Ws, nblk, ignore_index,
                                                       float(w) / terms, float(eps)),
-               dict(S=s, LABELS=labels, GRAD=compute_grad, BLOCK=BLOCK), num_warps=4, num_stages=3)
+               dict(S=s, LABELS=labels, GRAD=compute_grad, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
         per_image += partials.view(B, -1).sum(dim=1, dtype=torch.float64)
         if compute_grad:
             launch(_scale_adjoint_kernel, (B * C, tiles), (ax, ay, gacc, H, W, Hs, Ws), dict(S=s, FIRST=first, BLOCK=BLOCK),
-                   num_warps=4, num_stages=3)
+                   NUM_WARPS, NUM_STAGES)
             first = False
     if compute_grad:
         if first:  # every scale was empty
             gacc.zero_()
         launch(_finalize_kernel, (B * tiles,), (gacc, probs, target, grad, C, HW, tiles, ignore_index),
-               dict(LABELS=labels, FROM_LOGITS=from_logits, BLOCK=BLOCK), num_warps=4, num_stages=3)
+               dict(LABELS=labels, FROM_LOGITS=from_logits, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     loss = per_image if reduction == 0 else per_image.sum()
     return loss.to(pred.dtype), grad
 
