@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 NILEARN ?= nilearn==0.14.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo bench test test-python test-triton test-cpp test-nvcc build setup clean
+.PHONY: demo bench test test-python test-triton test-cpp test-nvcc test-gpu-compile build setup clean
 
 demo: build  ## the main job: train DIN on real MRI, fused vs reference
 	$(VENV)/bin/medattn demo --out demo_out
@@ -16,7 +16,7 @@ demo: build  ## the main job: train DIN on real MRI, fused vs reference
 bench: build  ## every op's benchmark table on this machine
 	$(PY) -m medattn_kernels.bench --out bench_results
 
-test: build test-python test-triton test-cpp test-nvcc  ## everything CI runs
+test: build test-python test-triton test-cpp test-nvcc test-gpu-compile  ## everything CI runs
 
 $(VENV)/.setup-done: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ test-cpp: setup
 test-nvcc: setup
 	@if command -v nvcc >/dev/null; then PYTHON=$(PY) bash tools/nvcc_check.sh; \
 	else echo "test-nvcc: skipped, nvcc not found"; fi
+
+# GPU kernels verified without a GPU: every Triton specialization the launchers launch for the benchmark,
+# sweep and network problems, compiled for sm_90 (triton + ptxas), and the CUDA C++ kernels (nvcc -Xptxas
+# -v). Fails on a compile error, shared memory over the per-block limit or an unaccepted register spill.
+# `python -m medattn_kernels.gpu_check --arch 80,90,100 --markdown docs/gpu_resources.md` for more targets.
+test-gpu-compile: build
+	$(PY) -m medattn_kernels.gpu_check
 
 clean:
 	rm -rf build cmake-build cmake-build.log medattn_kernels/_C*.so *.egg-info
