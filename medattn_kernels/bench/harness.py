@@ -4,7 +4,8 @@ tabulated here, by the CLI (`python -m medattn_kernels.bench`) and by pytest-ben
 Per candidate: forward ms (under no_grad), forward+backward ms, speed-ups against the reference and the
 best PyTorch built-in measured in the same run, MiB kept for backward (saved_tensors_hooks, inputs'
 storages excluded) and the relative error against the float64 reference. Times are medians after
-warm-up; on a GPU they are CUDA-event times.
+warm-up; on a GPU they are CUDA-event times, each followed by the fraction of the H100/H200 roofline
+time it achieves (roofline.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..testing import rel_error, saved_tensor_bytes
+from . import roofline
 
 
 @dataclass
@@ -160,6 +162,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, reps: int = 7, warmup:
             r.gflops = case.flops / (r.fwd_bwd_ms * 1e6)
         if case.forward_flops:
             r.fwd_gflops = case.forward_flops / (r.fwd_ms * 1e6)
+    if device.startswith("cuda"):
+        roofline.annotate(results, case.op, inputs, device_name(device))
     return results
 
 
@@ -185,6 +189,11 @@ def format_table(results: List[Result]) -> str:
     rows = [[r.op, r.shape, r.backend, _fmt(r.fwd_ms, ".2f"), _fmt(r.fwd_bwd_ms, ".2f"), _fmt(r.vs_reference, ".2f"),
              _fmt(r.vs_builtin, ".2f"), _fmt(r.fwd_vs_reference, ".2f"), _fmt(r.fwd_vs_builtin, ".2f"),
              _fmt(r.saved_mib, ".2f"), _fmt(r.max_rel_err, ".1e"), _fmt(r.gflops, ".1f")] for r in results]
+    if any("roofline_fwd_ms" in r.extra for r in results):  # GPU runs: achieved / roofline after each time
+        header[4:4], header[6:6] = ["fwd % roof"], ["fwd+bwd % roof"]
+        for r, row in zip(results, rows):
+            row[4:4], row[6:6] = [_fmt(100 * roofline.fraction(r, "fwd"), ".0f")], \
+                [_fmt(100 * roofline.fraction(r, "fwd_bwd"), ".0f")]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
