@@ -10,12 +10,12 @@ The grid:
   run through its fused candidate, in each GPU dtype; fp32 attention also with TF32 off
   (MEDATTN_TRITON_TF32=0, the IEEE fp32 path);
 * sweeps: head dims 16..256 (aligned and unaligned, Dv != D; contiguous and as token views of feature
-  maps) for the attention ops, gated or not;
-  depthwise kernels 3x3..63x63, 51x5 / 5x51 strips and dilations, NCHW and channels_last; channels_last
-  maps for global spatial attention and activated batch norm;
+  maps) for the attention ops, gated or not; depthwise kernels 3x3..63x63, 51x5 / 5x51 strips and
+  dilations, NCHW and channels_last; channels_last maps for global spatial attention and activated
+  batch norm;
 * networks: the training step (forward, loss, backward) of the five reference networks at 224 and 512
-  px, in their default and demo configurations, in fp32. Depthwise convolutions there take the Triton path even
-  where the CUDA C++ kernel serves them by default (KH*KW >= 81): the Triton path is a valid explicit
+  px, in their default and demo configurations, in fp32. Depthwise convolutions there take the Triton
+  path even where the CUDA C++ kernel serves them by default (KH*KW >= 81): Triton is a valid explicit
   backend for every kernel size.
 """
 from __future__ import annotations
@@ -204,7 +204,8 @@ def map_sweep(dtypes: Sequence[torch.dtype] = GPU_DTYPES) -> List[Problem]:
             if layout == "channels_last":
                 def maps(dtype=dtype, two=False):
                     x = make_tensor((bsz, c, hw, hw), dtype, "meta", layout, requires_grad=True)
-                    return {"x": x, "y": make_tensor(x.shape, dtype, "meta", layout, requires_grad=True) if two else None}
+                    y = make_tensor(x.shape, dtype, "meta", layout, requires_grad=True) if two else None
+                    return {"x": x, "y": y}
 
                 def abn(dtype=dtype):
                     return {"x": make_tensor((bsz, c, hw, hw), dtype, "meta", layout, requires_grad=True),
@@ -221,7 +222,8 @@ def map_sweep(dtypes: Sequence[torch.dtype] = GPU_DTYPES) -> List[Problem]:
     return out
 
 
-def network_problems(dtypes: Sequence[torch.dtype] = NETWORK_DTYPES, sizes: Sequence[int] = NETWORK_SIZES) -> List[Problem]:
+def network_problems(dtypes: Sequence[torch.dtype] = NETWORK_DTYPES,
+                     sizes: Sequence[int] = NETWORK_SIZES) -> List[Problem]:
     """The training step of each reference network, default and demo configurations (fp32, as they train
     here; every op's fp16 / bf16 specializations come from the bench and sweep problems)."""
     from ..models import NETWORKS, build_model

@@ -146,8 +146,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     mean = shift + m1
     scale = (weight.double().abs() + eps) * torch.rsqrt(var + eps)
     mean_hi = mean.to(acc)
-    launch(_apply_kernel, grid, (x, y, mean_hi, (mean - mean_hi.double()).to(acc), scale.to(acc), bias.to(acc).contiguous(),
-                                 M, HW, chunk, *map_strides(x), float(negative_slope)),
+    launch(_apply_kernel, grid, (x, y, mean_hi, (mean - mean_hi.double()).to(acc), scale.to(acc),
+                                 bias.to(acc).contiguous(), M, HW, chunk, *map_strides(x), float(negative_slope)),
            dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     return y, mean.to(acc), var.to(acc)
 

@@ -93,7 +93,8 @@ def forward(x: torch.Tensor, y=None) -> torch.Tensor:
         return out
     tiles, grid = _grid(x)
     launch(_gsa_forward_kernel, grid, (x, x if y is None else y, out, x.shape[1], x.shape[2] * x.shape[3], tiles,
-                                       *map_strides(x)), dict(HAS_Y=y is not None, BLOCK_P=BLOCK_P), NUM_WARPS, NUM_STAGES)
+                                       *map_strides(x)), dict(HAS_Y=y is not None, BLOCK_P=BLOCK_P),
+           NUM_WARPS, NUM_STAGES)
     return out
 
 

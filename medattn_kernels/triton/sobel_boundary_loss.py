@@ -226,13 +226,13 @@ def forward(pred: torch.Tensor, target: torch.Tensor, scales, weights, eps: floa
             ay = torch.empty_like(ax)
         else:
             ax = ay = partials  # unused
-        launch(_scale_forward_kernel, (B * C, nblk), (probs, target, ax, ay, partials, C, H, W, Hs, Ws, nblk, ignore_index,
-                                                      float(w) / terms, float(eps)),
+        launch(_scale_forward_kernel, (B * C, nblk), (probs, target, ax, ay, partials, C, H, W, Hs, Ws, nblk,
+                                                      ignore_index, float(w) / terms, float(eps)),
                dict(S=s, LABELS=labels, GRAD=compute_grad, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
         per_image += partials.view(B, -1).sum(dim=1, dtype=torch.float64)
         if compute_grad:
-            launch(_scale_adjoint_kernel, (B * C, tiles), (ax, ay, gacc, H, W, Hs, Ws), dict(S=s, FIRST=first, BLOCK=BLOCK),
-                   NUM_WARPS, NUM_STAGES)
+            launch(_scale_adjoint_kernel, (B * C, tiles), (ax, ay, gacc, H, W, Hs, Ws),
+                   dict(S=s, FIRST=first, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
             first = False
     if compute_grad:
         if first:  # every scale was empty
