@@ -54,7 +54,8 @@ def judge(row: Row, accepted_spills: Sequence = ()) -> Optional[str]:
     if res.registers is not None and res.registers * threads > REGISTER_FILE:
         return f"{res.registers} registers x {threads} threads > {REGISTER_FILE} (register file)"
     if row.spills:
-        reason = next((acc.reason for acc in accepted_spills if acc.covers(row.kernel, row.constexprs)), None)
+        reason = next((acc.reason for acc in accepted_spills
+                       if acc.covers(row.kernel, row.constexprs, row.dtype, row.spills)), None)
         if reason is None:
             return f"spills {res.spill_stores} B stores / {res.spill_loads} B loads per thread"
         row.accepted = reason
@@ -122,12 +123,13 @@ def collect(problems: Sequence[Problem],
     return found, launches
 
 
-def run(problems: Sequence[Problem], archs: Sequence[int] = (90,), jobs: int = 2, cuda: bool = True,
+def run(problems: Sequence[Problem], archs: Sequence[int] = (90,), jobs: Optional[int] = None, cuda: bool = True,
         log=print) -> Report:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("gpu_check: unset TRITON_INTERPRET (the launchers choose interpreter-only "
                            "configurations under it)")
     start = time.perf_counter()
+    jobs = default_jobs() if jobs is None else jobs
     targets = [TARGETS[a] for a in archs]
     cache, saved_cache = tempfile.mkdtemp(prefix="medattn-gpu-check-"), os.environ.get("TRITON_CACHE_DIR")
     os.environ["TRITON_CACHE_DIR"] = cache  # fresh per run: nothing cached across runs can hide a failure
@@ -188,7 +190,8 @@ def _cuda_rows(nvcc, targets: Sequence[Target]) -> List[Row]:
 
 
 def default_jobs() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
+    """Every core: the compiles are independent, CPU-bound processes."""
+    return max(1, os.cpu_count() or 1)
 
 
 def check_exit_code(report: Report) -> int:

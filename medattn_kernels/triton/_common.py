@@ -44,15 +44,20 @@ class Launch:
 
 @dataclass(frozen=True)
 class AcceptedSpill:
-    """A kernel specialization allowed to spill registers, and why. A Triton module lists these in
-    ACCEPTED_SPILLS; gpu_check fails on any other spill. `when`: constexprs the specialization must have."""
+    """Specializations of a kernel allowed to spill registers, and why. A Triton module lists these in
+    ACCEPTED_SPILLS; gpu_check fails on any other spill, and on an accepted one that grows past max_bytes
+    (spill stores + loads per thread). `when`: constexprs the specialization must have; `dtype`: its element
+    type ("fp32", "fp16", "bf16"; None: any)."""
 
     kernel: str
     when: Dict[str, Any]
     reason: str
+    dtype: Optional[str] = None
+    max_bytes: Optional[int] = None
 
-    def covers(self, kernel: str, constexprs: Dict[str, Any]) -> bool:
-        return kernel == self.kernel and all(constexprs.get(k) == v for k, v in self.when.items())
+    def covers(self, kernel: str, constexprs: Dict[str, Any], dtype: str, spill_bytes: int) -> bool:
+        return (kernel == self.kernel and all(constexprs.get(k) == v for k, v in self.when.items())
+                and self.dtype in (None, dtype) and (self.max_bytes is None or spill_bytes <= self.max_bytes))
 
 
 _RECORDED: contextvars.ContextVar[Optional[List[Launch]]] = contextvars.ContextVar("medattn_recorded_launches",
