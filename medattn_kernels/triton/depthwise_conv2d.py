@@ -37,8 +37,8 @@ from ._common import launch
 
 BLOCK_H = 16
 BLOCK_W = 32
-# the kernel-row loop's loads are software-pipelined 3 deep (shared memory per stage: an input tile and a
-# banded matrix)
+# the kernel-row loops' loads are software-pipelined 3 deep (shared memory per stage: an input tile and a
+# banded matrix), but for the IEEE fp32 correlation 2 deep (see correlate_stages)
 NUM_STAGES = 3
 
 
@@ -140,6 +140,14 @@ def num_warps(dtype: torch.dtype) -> int:
     return 8 if _ieee(dtype) else 4
 
 
+def correlate_stages(dtype: torch.dtype) -> int:
+    """Pipelining depth of the correlation's kernel-row loop. The IEEE fp32 products keep their operands in
+    registers; with a third stage ptxas spills a few words per thread (flipped correlation, BLOCK_WP 64,
+    sm_90), with 2 it does not, and FMAs, not loads, bound that path. (The weight-gradient kernel is the
+    other way round: it spills at 2 stages, not at 3.)"""
+    return 2 if _ieee(dtype) else NUM_STAGES
+
+
 def _block_wp(kw: int, dw: int) -> int:
     return max(16, triton.next_power_of_2(BLOCK_W + dw * (kw - 1)))
 
@@ -157,7 +165,7 @@ def _correlate(src, weight, bias, out_shape, row0, col0, dilation, flip, layout_
            (src, w, w if bias is None else bias.contiguous(), dst, C, src.shape[2], src.shape[3], out_shape[2],
             out_shape[3], row0, col0, KH, KW, dilation[0], dilation[1], tiles_w, *src.stride(), *dst.stride()),
            dict(HAS_BIAS=bias is not None, FLIP=flip, IEEE=_ieee(src.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
-                BLOCK_WP=_block_wp(KW, dilation[1])), num_warps(src.dtype), NUM_STAGES)
+                BLOCK_WP=_block_wp(KW, dilation[1])), num_warps(src.dtype), correlate_stages(src.dtype))
     return dst
 
 
