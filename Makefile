@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 NILEARN ?= nilearn==0.14.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo bench test test-python test-isa test-triton test-cpp test-nvcc test-aarch64 build setup clean
+.PHONY: demo bench test test-python test-isa test-triton test-cpp test-nvcc test-aarch64 test-gpu-compile build setup clean
 
 demo: build  ## the main job: train DIN on real MRI, fused vs reference
 	$(VENV)/bin/medattn demo --out demo_out
@@ -16,7 +16,7 @@ demo: build  ## the main job: train DIN on real MRI, fused vs reference
 bench: build  ## every op's benchmark table on this machine, per SIMD ISA pass, and bench_results/speedup.png
 	$(PY) -m medattn_kernels.bench --isa-passes vector --out bench_results
 
-test: build test-python test-isa test-triton test-cpp test-nvcc test-aarch64  ## everything CI runs
+test: build test-python test-isa test-triton test-cpp test-nvcc test-aarch64 test-gpu-compile  ## everything CI runs
 
 # requirements-dev.txt pins the tool chain and the [monai] and demo extras (the MONAI tests run in CI).
 $(VENV)/.setup-done: requirements-dev.txt
@@ -71,6 +71,13 @@ test-nvcc: setup
 # The portable (DEFAULT) pass must build for aarch64: compile-only with Debian's cross compiler.
 test-aarch64: setup
 	PYTHON=$(PY) bash tools/aarch64_syntax_check.sh
+
+# GPU kernels verified without a GPU: every Triton specialization the launchers launch for the benchmark,
+# sweep and network problems, compiled for sm_90 (triton + ptxas), and the CUDA C++ kernels (nvcc -Xptxas
+# -v). Fails on a compile error, shared memory over the per-block limit or an unaccepted register spill.
+# `python -m medattn_kernels.gpu_check --arch 80,90,100 --markdown docs/gpu_resources.md` for more targets.
+test-gpu-compile: build
+	$(PY) -m medattn_kernels.gpu_check
 
 clean:
 	rm -rf build cmake-build cmake-build.log medattn_kernels/_C*.so *.egg-info

@@ -437,12 +437,33 @@ def test_triton_noncontiguous_extreme_logits_and_n1():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+# The head dims whose fp32 launches asked sm_90 for more shared memory than a block may have, or spilled,
+# before the launch plans of issue 12 (D 65-256; DIN's last stage has D = 96): every kernel on the
+# plans' tiles for these widths (TF32 and IEEE fp32 plans, fp16 / bf16), small shapes, every gradient.
+WIDE_HEADS = [(96, 96), (128, 64), (200, 256)]
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_low_precision(dtype):
+@pytest.mark.parametrize("d, dv", [(24, 24)] + WIDE_HEADS)
+def test_triton_low_precision(dtype, d, dv):
     dev = triton_device()
-    ca_parity("triton", (37, 53, 24, 24), dtype, True, device=dev, b=1, h=1)
-    tied_parity("triton", (29, 31, 24, 24, 24), dtype, device=dev, b=1, h=1)
+    ca_parity("triton", (37, 53, d, dv), dtype, True, device=dev, b=1, h=1)
+    tied_parity("triton", (29, 31, d, dv, dv), dtype, device=dev, b=1, h=1)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("d, dv", WIDE_HEADS)
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32-plan", "ieee-plan"])
+def test_triton_wide_heads_fp32(d, dv, tf32, monkeypatch):
+    from medattn_kernels.triton import cross_attention as kernels
+
+    monkeypatch.setattr(kernels, "ALLOW_TF32", tf32)
+    assert kernels.operand_class(torch.float32) == ("tf32" if tf32 else "ieee")
+    dev, tf32_numerics = triton_device(), TRITON_TF32 and tf32
+    ca_parity("triton", (37, 70, d, dv), torch.float32, d == 96, device=dev, b=1, h=1, tf32=tf32_numerics)
+    bi_parity("triton", (37, 70, d, dv, d), torch.float32, device=dev, b=1, h=1, tf32=tf32_numerics)
+    tied_parity("triton", (37, 70, d, dv, dv), torch.float32, device=dev, b=1, h=1, tf32=tf32_numerics)
 
 
 @pytest.mark.cuda

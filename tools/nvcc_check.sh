@@ -3,13 +3,18 @@
 # machines without a GPU (the CPU torch wheel ships the ATen/c10 CUDA headers). Objects go to a temporary
 # directory that is removed afterwards; the script exits non-zero on the first compile error.
 #
-# Usage: tools/nvcc_check.sh            (env: PYTHON=python to use, NVCC=nvcc, NVCC_ARCH=sm_90)
+# Usage: tools/nvcc_check.sh            (env: PYTHON=python to use, NVCC=nvcc, NVCC_ARCH=sm_90 or a
+#                                       space-separated list "sm_80 sm_90 sm_100", NVCC_FLAGS: extra
+#                                       flags, e.g. "-Xptxas -v" for the resource report of gpu_check)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 NVCC="${NVCC:-nvcc}"
 ARCH="${NVCC_ARCH:-sm_90}"
+read -r -a EXTRA_FLAGS <<< "${NVCC_FLAGS:-}"
+ARCH_FLAGS=()
+for arch in $ARCH; do ARCH_FLAGS+=(-gencode "arch=compute_${arch#sm_},code=$arch"); done
 
 command -v "$NVCC" >/dev/null 2>&1 || { echo "nvcc_check: $NVCC not found" >&2; exit 2; }
 
@@ -46,8 +51,8 @@ fi
 status=0
 for src in "${SOURCES[@]}"; do
   obj="$OUT/$(basename "${src%.cu}").o"
-  echo "nvcc_check: $NVCC -arch=$ARCH -std=$STD -c ${src#$ROOT/}"
-  if ! "$NVCC" -c "$src" -o "$obj" -arch="$ARCH" -std="$STD" -O3 -Xcompiler -fPIC \
+  echo "nvcc_check: $NVCC ($ARCH) -std=$STD -c ${src#$ROOT/}"
+  if ! "$NVCC" -c "$src" -o "$obj" "${ARCH_FLAGS[@]}" -std="$STD" -O3 -Xcompiler -fPIC "${EXTRA_FLAGS[@]}" \
       -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
       -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr "${INCLUDE_FLAGS[@]}"; then

@@ -4,14 +4,13 @@ tabulated here, by the CLI (`python -m medattn_kernels.bench`) and by pytest-ben
 Per candidate: forward ms (under no_grad), forward+backward ms, speed-ups against the reference and against
 the *best* PyTorch path of the case (the fastest of its "builtin" and "reference" candidates: SDPA on
 contiguous inputs, F.conv2d in NCHW and channels_last, torch.compile of the reference, the eager built-ins
-and the reference itself), MiB kept for
-backward (saved_tensors_hooks, inputs' storages excluded), the relative error against the float64
-reference, and the achieved rate against the machine's own peak measured in the same run (sgemm GFLOP/s
+and the reference itself), MiB kept for backward (saved_tensors_hooks, inputs' storages excluded), the
+relative error against the float64 reference, and the achieved rate against the machine's own peak measured in the same run (sgemm GFLOP/s
 for compute-bound cases, copy GB/s for memory-bound ones).
 
 Timing: the candidates of a case run interleaved, round-robin (A B C A B C ...), after warm-up, and each
 reports its median, so that drifts in machine load hit every candidate alike. On a GPU the times are CUDA
-events.
+events, each followed by the fraction of the H100/H200 roofline time it achieves (roofline.py).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..testing import rel_error, saved_tensor_bytes
+from . import roofline
 
 
 @dataclass
@@ -198,6 +198,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, reps: int = 7, warmup:
             if c.label in fwd_bwd_fns:
                 results[c.label].saved_mib = saved_tensor_bytes(lambda kw: c.fn(**kw), inputs) / 2 ** 20
     _derive(case, list(results.values()), machine)
+    if device.startswith("cuda"):
+        roofline.annotate(list(results.values()), case.op, inputs, device_name(device))
     return list(results.values())
 
 
@@ -309,6 +311,11 @@ def format_table(results: List[Result]) -> str:
                      _fmt(r.vs_reference, ".2f"), _fmt(r.vs_builtin, ".2f"), _fmt(r.fwd_vs_reference, ".2f"),
                      _fmt(r.fwd_vs_builtin, ".2f"), _fmt(r.saved_mib, ".2f"), _fmt(r.max_rel_err, ".1e"),
                      _rate(r), _fmt(pct, ".0f")])
+    if any("roofline_fwd_ms" in r.extra for r in results):  # GPU runs: achieved / roofline after each time
+        header[4:4], header[6:6] = ["fwd % roof"], ["fwd+bwd % roof"]
+        for r, row in zip(results, rows):
+            row[4:4], row[6:6] = [_fmt(100 * roofline.fraction(r, "fwd"), ".0f")], \
+                [_fmt(100 * roofline.fraction(r, "fwd_bwd"), ".0f")]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

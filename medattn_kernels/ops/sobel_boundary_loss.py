@@ -90,6 +90,8 @@ SPEC = FusedOp(
 
 def check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """int64 labels must be in [0, C) or equal ignore_index (the C++ kernel checks this itself)."""
+    if target.device.type == "meta":  # shapes only, no values to check (medattn_kernels.gpu_check's traces)
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         value = int(target[bad][0])

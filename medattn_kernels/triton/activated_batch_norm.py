@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 
 from ..ops.global_spatial_attention import output_layout
-from ._common import map_strides
+from ._common import launch, map_strides
 
 BLOCK = 1024
 TARGET_PROGRAMS = 2048  # about 16 waves of programs on a 132-SM H100
+NUM_WARPS, NUM_STAGES = 4, 3  # 8 values per thread per step
 
 
 @triton.jit
@@ -136,7 +137,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     M, HW, chunk, splits = _launch_shape(x)
     partial = torch.empty((C, splits, 2), dtype=acc, device=x.device)
     grid = (C, splits)
-    _shifted_sums_kernel[grid](x, partial, M, HW, chunk, splits, *map_strides(x), ACC=tl_acc, BLOCK=BLOCK)
+    launch(_shifted_sums_kernel, grid, (x, partial, M, HW, chunk, splits, *map_strides(x)),
+           dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     shift = x[0, :, 0, 0].double()
     sums = partial.double().sum(1)
     m1 = sums[:, 0] / M
@@ -144,8 +146,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     mean = shift + m1
     scale = (weight.double().abs() + eps) * torch.rsqrt(var + eps)
     mean_hi = mean.to(acc)
-    _apply_kernel[grid](x, y, mean_hi, (mean - mean_hi.double()).to(acc), scale.to(acc), bias.to(acc).contiguous(), M, HW, chunk, *map_strides(x), float(negative_slope),
-                        ACC=tl_acc, BLOCK=BLOCK)
+    launch(_apply_kernel, grid, (x, y, mean_hi, (mean - mean_hi.double()).to(acc), scale.to(acc),
+                                 bias.to(acc).contiguous(), M, HW, chunk, *map_strides(x), float(negative_slope)),
+           dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     return y, mean.to(acc), var.to(acc)
 
 
@@ -161,8 +164,8 @@ def backward(grad_y: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: 
     beta, inv_gamma = bias.to(acc).contiguous(), (1.0 / gamma).contiguous()
     partial = torch.empty((C, splits, 2), dtype=acc, device=y.device)
     grid = (C, splits)
-    _backward_sums_kernel[grid](y, grad_y, beta, inv_gamma, partial, M, HW, chunk, splits, *map_strides(y),
-                                float(negative_slope), ACC=tl_acc, BLOCK=BLOCK)
+    launch(_backward_sums_kernel, grid, (y, grad_y, beta, inv_gamma, partial, M, HW, chunk, splits, *map_strides(y),
+                                         float(negative_slope)), dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     sums = partial.double().sum(1)
     sum_dz, sum_dz_xhat = sums[:, 0], sums[:, 1]
     absent = y.new_empty((0,))
@@ -172,7 +175,7 @@ def backward(grad_y: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: 
     if output_mask[0]:
         grad_x = torch.empty_like(y, memory_format=layout)
         coef = (gamma.double() * torch.rsqrt(var.double() + eps)).to(acc)
-        _grad_x_kernel[grid](y, grad_y, grad_x, beta, inv_gamma, coef, (sum_dz / M).to(acc),
-                             (sum_dz_xhat / M).to(acc), M, HW, chunk, *map_strides(y), float(negative_slope),
-                             ACC=tl_acc, BLOCK=BLOCK)
+        launch(_grad_x_kernel, grid, (y, grad_y, grad_x, beta, inv_gamma, coef, (sum_dz / M).to(acc),
+                                      (sum_dz_xhat / M).to(acc), M, HW, chunk, *map_strides(y), float(negative_slope)),
+               dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     return grad_x, grad_w, grad_b

@@ -7,27 +7,35 @@ style.
   the tied op's forward is the same launch (rows: queries r_a against keys r_b; columns: queries r_b
   against keys r_a, whose row softmax is the column softmax of S).
 * Backward: delta = rowsum(dO * out) (and the gate's dO * sigmoid(g)) are formed by the launcher; one
-  kernel owns a key block and loops over the queries (dK, dV), another owns a query block and loops
-  over the keys (dQ): no atomics, deterministic. For the tied op the key-side kernel owns a column
-  block (dr_b, dv_b) and the query-side kernel a row block (dr_a, dv_a); both form the one
-  dS = P_row (dP_row - delta_row) + P_col (dP_col - delta_col).
+  kernel owns a key block and loops over the queries (dK, dV; it forms the transposed tiles S^T, dS^T
+  so that no tile is transposed in registers), another owns a query block and loops over the keys (dQ):
+  two launches, no atomics, deterministic. For the tied op one kernel, launched once per side, owns a
+  block of that side's tokens (a row block: dr_a, dv_a; a column block: dr_b, dv_b) and loops over the
+  other side; both form the one dS = P_row (dP_row - delta_row) + P_col (dP_col - delta_col) (S^T for
+  the columns).
+* Launch plans: tile sizes, num_warps and num_stages per kernel, operand class (fp16/bf16, TF32, IEEE
+  fp32) and head-dim width (`tiles`, `_TILES`), chosen so that every launched specialization fits an
+  sm_90 block without register spills (checked by `python -m medattn_kernels.gpu_check`).
 * Any N (masked tails), head dims up to 256 (padded to the next power of two and masked), strided
   inputs (64-bit offsets from the tensors' own strides), fp32 / fp16 / bf16 with fp32 accumulation.
 
 fp32 precision: `tl.dot` on fp32 inputs uses TF32 tensor cores by default on the GPU (about 3e-4
 relative error). Set ``medattn_kernels.triton.cross_attention.ALLOW_TF32 = False`` (or the environment
-variable MEDATTN_TRITON_TF32=0 before import) for IEEE fp32 products, about 3x slower on Hopper. The
-interpreter always computes in IEEE fp32.
+variable MEDATTN_TRITON_TF32=0 before import) for IEEE fp32 products: FMAs instead of tensor cores
+(67 against 495 TFLOP/s dense on an H100), with their own, smaller tiles. The interpreter always
+computes in IEEE fp32.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.cross_attention import lse_dtype
+from ._common import AcceptedSpill, launch
 
 ALLOW_TF32 = os.environ.get("MEDATTN_TRITON_TF32", "1") not in ("0", "false", "False")
 MAX_HEAD_DIM = 256
@@ -72,13 +80,88 @@ def _load_row_stats(LSE, DELTA, first, offs, mask):
     return lse, delta
 
 
-def _blocks(d: int, dv: int):
-    width = max(triton.next_power_of_2(d), triton.next_power_of_2(dv))
-    if width <= 64:
-        return 64, 64
-    if width <= 128:
-        return 64, 32
-    return 32, 32
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's tiles and compile options: BLOCK_M query rows and BLOCK_N key rows per tile (for the
+    tied op: rows of side a and columns = tokens of side b), num_warps, num_stages (software pipelining
+    depth of the streamed tiles: each stage holds one more set of them in shared memory)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# kernel -> operand class -> head-dim width -> Tiles. The width is max(16, next_pow2(D), next_pow2(Dv)).
+# Chosen per width and operand size so that every launched specialization fits an sm_90 block
+# (227 KB of shared memory) without register spills, checked by `python -m medattn_kernels.gpu_check`
+# (docs/gpu_resources.md): fp32 operands take twice the shared memory and registers of fp16/bf16 ones,
+# and the IEEE fp32 path (TF32 off) multiplies on FMAs, whose operands live in registers, hence its
+# small tiles and 8 warps. To re-tune on a GPU: the benchmark, then this table, then gpu_check.
+_TILES = {
+    # programs own BLOCK_M queries, stream BLOCK_N keys
+    "forward": {
+        "16-bit": {64: Tiles(64, 64, 4, 3), 128: Tiles(64, 64, 8, 2), 256: Tiles(32, 16, 8, 2)},
+        "tf32": {64: Tiles(64, 32, 4, 3), 128: Tiles(32, 32, 8, 2), 256: Tiles(32, 16, 8, 2)},
+        "ieee": {64: Tiles(32, 32, 8, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(32, 16, 8, 1)},
+    },
+    # programs own BLOCK_N keys, stream BLOCK_M queries
+    "backward_kv": {
+        "16-bit": {64: Tiles(64, 64, 8, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(32, 16, 8, 2)},
+        "tf32": {64: Tiles(32, 64, 4, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(16, 16, 8, 2)},
+        "ieee": {64: Tiles(32, 32, 8, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(16, 16, 8, 2)},
+    },
+    # programs own BLOCK_M queries, stream BLOCK_N keys
+    "backward_q": {
+        "16-bit": {64: Tiles(64, 64, 4, 3), 128: Tiles(32, 32, 8, 1), 256: Tiles(32, 16, 8, 2)},
+        "tf32": {64: Tiles(64, 32, 4, 2), 128: Tiles(32, 16, 8, 2), 256: Tiles(16, 16, 8, 2)},
+        "ieee": {64: Tiles(32, 32, 8, 2), 128: Tiles(32, 16, 8, 1), 256: Tiles(16, 16, 8, 2)},
+    },
+    # programs own BLOCK_M tokens of one side, stream BLOCK_N tokens of the other
+    "tied_backward": {
+        "16-bit": {64: Tiles(64, 32, 4, 3), 128: Tiles(16, 32, 8, 2), 256: Tiles(16, 16, 8, 2)},
+        "tf32": {64: Tiles(32, 16, 8, 2), 128: Tiles(16, 32, 8, 2), 256: Tiles(16, 16, 8, 1)},
+        "ieee": {64: Tiles(32, 32, 8, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(16, 16, 8, 1)},
+    },
+}
+# The one accepted spill (see docs/gpu_resources.md): the tied backward owner keeps its r, v and dO tiles as
+# tensor-core operands, which every warp holds whole; at fp32 (TF32) and head dims 129-256 three [16, 256]
+# fp32 tiles exceed 255 registers at the smallest tiles (16 x 16, 8 warps, 1 stage) and ptxas spills up to
+# 24 + 20 B per thread (the D 200 sweep; 16 + 16 B on strided tokens, none on aligned contiguous D 256).
+# Checked on sm_90: 4 warps spill 84-404 B, 16 warps (128 registers each) 264-864 B, 2 stages up to 220 B.
+ACCEPTED_SPILLS = (
+    AcceptedSpill("_tied_side_kernel", {"PRECISION": "tf32", "BLOCK_D": 256}, dtype="fp32", max_bytes=44,
+                  reason="TF32 tied backward, head dims 129-256: the owner's three [16, 256] fp32 operand tiles "
+                         "exceed 255 registers per thread at the smallest tiles; a few words spill"),
+)
+
+
+def operand_class(dtype: torch.dtype) -> str:
+    """'16-bit' (fp16/bf16 tensor cores), 'tf32' (fp32 on TF32 tensor cores) or 'ieee' (fp32 on FMAs)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16-bit"
+    return "tf32" if _precision(dtype) == "tf32" else "ieee"
+
+
+def head_width(d: int, dv: int) -> int:
+    """The padded width of the head-dim tiles (BLOCK_D / BLOCK_DV are next powers of two, at least 16)."""
+    return max(16, triton.next_power_of_2(d), triton.next_power_of_2(dv))
+
+
+def tiles(kernel: str, d: int, dv: int, dtype: torch.dtype) -> Tiles:
+    """The launch plan's tiles of `kernel` (a key of _TILES) for head dims d, dv and the inputs' dtype."""
+    by_width = _TILES[kernel][operand_class(dtype)]
+    return by_width[max(64, head_width(d, dv))]
+
+
+def _head_constexprs(d: int, dv: int, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                PRECISION=_precision(dtype), UPCAST=_upcast(dtype))
+
+
+def _launch_tiled(kernel, plan: Tiles, grid, args, d: int, dv: int, dtype: torch.dtype, **constexprs) -> None:
+    launch(kernel, grid, args, dict(constexprs, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+                                    **_head_constexprs(d, dv, dtype)), plan.num_warps, plan.num_stages)
 
 
 def _check_head_dims(*dims):
@@ -172,13 +255,10 @@ def _forward_problems(problems, scale, gate=None):
     if len(problems) == 1:
         args += args  # the second direction's slots are unused (grid axis 2 has size 1)
     max_dv = max(p[2].shape[3] for p in problems)
-    block_m, block_n = _blocks(D, max_dv)
-    max_nq = max(p[0].shape[2] for p in problems)
-    if B * H > 0 and max_nq > 0:
-        grid = (triton.cdiv(max_nq, block_m), B * H, len(problems))
-        _fwd_kernel[grid](H, D, _scale(D, scale), *args, HAS_GATE=gate is not None, BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                          BLOCK_DV=max(16, triton.next_power_of_2(max_dv)), PRECISION=_precision(q0.dtype), UPCAST=_upcast(q0.dtype))
+    plan = tiles("forward", D, max_dv, q0.dtype)
+    grid = (triton.cdiv(max(p[0].shape[2] for p in problems), plan.block_m), B * H, len(problems))
+    _launch_tiled(_fwd_kernel, plan, grid, (H, D, _scale(D, scale), *args), D, max_dv, q0.dtype,
+                  HAS_GATE=gate is not None)
     return results
 
 
@@ -209,12 +289,13 @@ def _bwd_kv_problem(pid_n, bh, H, Q, K, V, DO, LSE, DELTA, DK, DV_, sqb, sqh, sq
         q = _load_tile(q_base, offs_m, mask_m, sqn, offs_d, sqd, mask_d)
         do = _load_tile(DO + row0 * DV, offs_m, mask_m, DV, offs_dv, 1, mask_dv)
         lse, delta = _load_row_stats(LSE, DELTA, row0, offs_m, mask_m)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
+        # the transposed tiles S^T = K Q^T, P^T, dP^T = V dO^T, dS^T [keys, queries]: k and v are the left
+        # operands (kept in registers across the loop) and dV, dK need no transposed copy of P or dS
+        p_t = tl.where(mask_n[:, None] & mask_m[None, :],
+                       tl.exp(_dot(k, tl.trans(q), PRECISION, UPCAST) * scale - lse[None, :]), 0.0)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        ds_t = p_t * (_dot(v, tl.trans(do), PRECISION, UPCAST) - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
     col0 = bh.to(tl.int64) * NK
     _store_tile(DK + col0 * D, offs_n, mask_n, D, offs_d, mask_d, dk * scale)
     _store_tile(DV_ + col0 * DV, offs_n, mask_n, DV, offs_dv, mask_dv, dv)
@@ -255,34 +336,40 @@ def _bwd_q_problem(pid_m, bh, H, Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, sqd
 
 
 @triton.jit
+def _bwd_owned_block(pid, bh, H, Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb,
+                     svh, svn, svd, NQ, NK, D, DV, scale, OWN_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    if OWN_KEYS:
+        if pid * BLOCK_N < NK:
+            _bwd_kv_problem(pid, bh, H, Q, K, V, DO, LSE, DELTA, DK, DV_, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb,
+                            svh, svn, svd, NQ, NK, D, DV, scale, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, UPCAST)
+    else:
+        if pid * BLOCK_M < NQ:
+            _bwd_q_problem(pid, bh, H, Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh,
+                           svn, svd, NQ, NK, D, DV, scale, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, UPCAST)
+
+
+@triton.jit
 def _bwd_kernel(H, D, scale,
                 Q0, K0, V0, DO0, LSE0, DELTA0, DQ0, DK0, DV0_, sqb0, sqh0, sqn0, sqd0, skb0, skh0, skn0, skd0,
                 svb0, svh0, svn0, svd0, NQ0, NK0, DV0,
                 Q1, K1, V1, DO1, LSE1, DELTA1, DQ1, DK1, DV1_, sqb1, sqh1, sqn1, sqd1, skb1, skh1, skn1, skd1,
-                svb1, svh1, svn1, svd1, NQ1, NK1, DV1, KV_BLOCKS0, KV_BLOCKS1,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # grid axis 0: the key blocks (dK, dV) of the direction first, then its query blocks (dQ)
+                svb1, svh1, svn1, svd1, NQ1, NK1, DV1,
+                OWN_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (owned blocks, B * H, direction). OWN_KEYS: programs own a key block (dK, dV), else a query
+    # block (dQ); the launcher launches both specializations.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     if tl.program_id(2) == 0:
-        if pid < KV_BLOCKS0:
-            _bwd_kv_problem(pid, bh, H, Q0, K0, V0, DO0, LSE0, DELTA0, DK0, DV0_, sqb0, sqh0, sqn0, sqd0, skb0, skh0,
-                            skn0, skd0, svb0, svh0, svn0, svd0, NQ0, NK0, D, DV0, scale, BLOCK_M, BLOCK_N, BLOCK_D,
-                            BLOCK_DV, PRECISION, UPCAST)
-        elif (pid - KV_BLOCKS0) * BLOCK_M < NQ0:
-            _bwd_q_problem(pid - KV_BLOCKS0, bh, H, Q0, K0, V0, DO0, LSE0, DELTA0, DQ0, sqb0, sqh0, sqn0, sqd0, skb0,
-                           skh0, skn0, skd0, svb0, svh0, svn0, svd0, NQ0, NK0, D, DV0, scale, BLOCK_M, BLOCK_N,
-                           BLOCK_D, BLOCK_DV, PRECISION, UPCAST)
+        _bwd_owned_block(pid, bh, H, Q0, K0, V0, DO0, LSE0, DELTA0, DQ0, DK0, DV0_, sqb0, sqh0, sqn0, sqd0, skb0, skh0,
+                         skn0, skd0, svb0, svh0, svn0, svd0, NQ0, NK0, D, DV0, scale, OWN_KEYS, BLOCK_M, BLOCK_N,
+                         BLOCK_D, BLOCK_DV, PRECISION, UPCAST)
     else:
-        if pid < KV_BLOCKS1:
-            _bwd_kv_problem(pid, bh, H, Q1, K1, V1, DO1, LSE1, DELTA1, DK1, DV1_, sqb1, sqh1, sqn1, sqd1, skb1, skh1,
-                            skn1, skd1, svb1, svh1, svn1, svd1, NQ1, NK1, D, DV1, scale, BLOCK_M, BLOCK_N, BLOCK_D,
-                            BLOCK_DV, PRECISION, UPCAST)
-        elif (pid - KV_BLOCKS1) * BLOCK_M < NQ1:
-            _bwd_q_problem(pid - KV_BLOCKS1, bh, H, Q1, K1, V1, DO1, LSE1, DELTA1, DQ1, sqb1, sqh1, sqn1, sqd1, skb1,
-                           skh1, skn1, skd1, svb1, svh1, svn1, svd1, NQ1, NK1, D, DV1, scale, BLOCK_M, BLOCK_N,
-                           BLOCK_D, BLOCK_DV, PRECISION, UPCAST)
+        _bwd_owned_block(pid, bh, H, Q1, K1, V1, DO1, LSE1, DELTA1, DQ1, DK1, DV1_, sqb1, sqh1, sqn1, sqd1, skb1, skh1,
+                         skn1, skd1, svb1, svh1, svn1, svd1, NQ1, NK1, D, DV1, scale, OWN_KEYS, BLOCK_M, BLOCK_N,
+                         BLOCK_D, BLOCK_DV, PRECISION, UPCAST)
 
 
 def _backward_problems(problems, scale):
@@ -290,23 +377,23 @@ def _backward_problems(problems, scale):
     q0 = problems[0][0]
     B, H, _, D = q0.shape
     max_dv = max(p[2].shape[3] for p in problems)
-    block_m, block_n = _blocks(D, max_dv)
-    results, args, kv_blocks, programs = [], [], [], []
+    results, args = [], []
     for q, k, v, grad, delta, lse in problems:
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         results.append((dq, dk, dv))
         args += [q, k, v, grad.contiguous(), lse.contiguous(), delta.contiguous(), dq, dk, dv, *q.stride(),
                  *k.stride(), *v.stride(), q.shape[2], k.shape[2], v.shape[3]]
-        kv_blocks.append(triton.cdiv(k.shape[2], block_n))
-        programs.append(kv_blocks[-1] + triton.cdiv(q.shape[2], block_m))
     if len(problems) == 1:
         args += args
-        kv_blocks += kv_blocks
-    if B * H > 0 and max(programs) > 0:
-        grid = (max(programs), B * H, len(problems))
-        _bwd_kernel[grid](H, D, _scale(D, scale), *args, *kv_blocks, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_D=max(16, triton.next_power_of_2(D)),
-                          BLOCK_DV=max(16, triton.next_power_of_2(max_dv)), PRECISION=_precision(q0.dtype), UPCAST=_upcast(q0.dtype))
+    args = (H, D, _scale(D, scale), *args)
+    # dK, dV (programs own key blocks) and dQ (programs own query blocks): two launches, so that each
+    # specialization compiles with only its own tiles live (registers, shared memory) and has its own tiles
+    kv = tiles("backward_kv", D, max_dv, q0.dtype)
+    grid = (triton.cdiv(max(p[1].shape[2] for p in problems), kv.block_n), B * H, len(problems))
+    _launch_tiled(_bwd_kernel, kv, grid, args, D, max_dv, q0.dtype, OWN_KEYS=True)
+    qp = tiles("backward_q", D, max_dv, q0.dtype)
+    grid = (triton.cdiv(max(p[0].shape[2] for p in problems), qp.block_m), B * H, len(problems))
+    _launch_tiled(_bwd_kernel, qp, grid, args, D, max_dv, q0.dtype, OWN_KEYS=False)
     return results
 
 
@@ -328,90 +415,51 @@ def _tied_side_tiles(r_base, v_base, DO, LSE, DELTA, first, offs, mask, srn, srd
 
 
 @triton.jit
-def _tied_ds(ra, va, doa, lse_r, delta_r, rb, vb, dob, lse_c, delta_c, valid, scale, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
-    # P_row = exp(S - lse_row), P_col = exp(S - lse_col) and
-    # dS = P_row (dO_a v_b^T - delta_row) + P_col (v_a dO_b^T - delta_col) of one [rows, columns] tile
-    s = _dot(ra, tl.trans(rb), PRECISION, UPCAST) * scale
-    p_row = tl.where(valid, tl.exp(s - lse_r[:, None]), 0.0)
-    p_col = tl.where(valid, tl.exp(s - lse_c[None, :]), 0.0)
-    dp_row = _dot(doa, tl.trans(vb), PRECISION, UPCAST)
-    dp_col = _dot(va, tl.trans(dob), PRECISION, UPCAST)
-    ds = p_row * (dp_row - delta_r[:, None]) + p_col * (dp_col - delta_c[None, :])
-    return p_row, p_col, ds
-
-
-@triton.jit
-def _tied_bwd_kernel(H, D, scale, RA, VA, RB, VB, DOA, DOB, LSE_ROW, LSE_COL, DELTA_ROW, DELTA_COL, DRA, DVA, DRB,
-                     DVB, srab, srah, sran, srad, svab, svah, svan, svad, srbb, srbh, srbn, srbd, svbb, svbh, svbn,
-                     svbd, NA, NB, DVA_DIM, DVB_DIM, COL_BLOCKS,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # grid axis 0: column blocks (own dr_b, dv_b; loop over rows), then row blocks (own dr_a, dv_a; loop
-    # over columns). Both form dS with _tied_ds.
-    pid = tl.program_id(0)
+def _tied_side_kernel(H, D, scale, RO, VO, DOO, LSE_O, DELTA_O, RT, VT, DOT, LSE_T, DELTA_T, DRO, DVO,
+                      srob, sroh, sron, srod, svob, svoh, svon, svod, srtb, srth, srtn, srtd, svtb, svth, svtn, svtd,
+                      NO, NT, DVO_DIM, DVT_DIM,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (blocks of BLOCK_M tokens of the owner side O, B * H). O keeps its tiles, accumulates its dr, dv
+    # and loops over the other side T in BLOCK_N steps. With S_OT = scale r_O r_T^T (S for O = a, S^T for
+    # O = b), P_O = exp(S_OT - lse_O) is O's own softmax and P_T = exp(S_OT - lse_T) the other's,
+    # transposed, so dS_OT = P_O (dO_O v_T^T - delta_O) + P_T (v_O dO_T^T - delta_T), dr_O = scale dS_OT r_T
+    # and dv_O = P_T dO_T: the same kernel serves both sides (launched once per side), no transposed tile.
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_d = offs_d < D
-    mask_dva = offs_dv < DVA_DIM
-    mask_dvb = offs_dv < DVB_DIM
-    row0 = bh.to(tl.int64) * NA
-    col0 = bh.to(tl.int64) * NB
-    ra_base = RA + b * srab + h * srah
-    va_base = VA + b * svab + h * svah
-    rb_base = RB + b * srbb + h * srbh
-    vb_base = VB + b * svbb + h * svbh
-    own_cols = pid < COL_BLOCKS
-    if own_cols:
-        fixed0 = pid * BLOCK_N
-        steps = NA
-    else:
-        fixed0 = (pid - COL_BLOCKS) * BLOCK_M
-        steps = NB
-    if own_cols:
-        offs_n = fixed0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NB
-        acc_r = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        rb, vb, dob, lse_c, delta_c = _tied_side_tiles(rb_base, vb_base, DOB, LSE_COL, DELTA_COL, col0, offs_n,
-                                                       mask_n, srbn, srbd, svbn, svbd, DVA_DIM, offs_d, mask_d,
-                                                       offs_dv, mask_dvb, mask_dva)
-        for start_m in range(0, steps, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < NA
-            ra, va, doa, lse_r, delta_r = _tied_side_tiles(ra_base, va_base, DOA, LSE_ROW, DELTA_ROW, row0, offs_m,
-                                                           mask_m, sran, srad, svan, svad, DVB_DIM, offs_d, mask_d,
-                                                           offs_dv, mask_dva, mask_dvb)
-            p_row, p_col, ds = _tied_ds(ra, va, doa, lse_r, delta_r, rb, vb, dob, lse_c, delta_c,
-                                        mask_m[:, None] & mask_n[None, :], scale, PRECISION, UPCAST)
-            acc_v += _dot(tl.trans(p_row).to(doa.dtype), doa, PRECISION, UPCAST)
-            acc_r += _dot(tl.trans(ds).to(ra.dtype), ra, PRECISION, UPCAST)
-        _store_tile(DRB + col0 * D, offs_n, mask_n, D, offs_d, mask_d, acc_r * scale)
-        _store_tile(DVB + col0 * DVB_DIM, offs_n, mask_n, DVB_DIM, offs_dv, mask_dvb, acc_v)
-    else:
-        offs_m = fixed0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < NA
-        if fixed0 < NA:
-            acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            acc_v = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            ra, va, doa, lse_r, delta_r = _tied_side_tiles(ra_base, va_base, DOA, LSE_ROW, DELTA_ROW, row0, offs_m,
-                                                           mask_m, sran, srad, svan, svad, DVB_DIM, offs_d, mask_d,
-                                                           offs_dv, mask_dva, mask_dvb)
-            for start_n in range(0, steps, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < NB
-                rb, vb, dob, lse_c, delta_c = _tied_side_tiles(rb_base, vb_base, DOB, LSE_COL, DELTA_COL, col0,
-                                                               offs_n, mask_n, srbn, srbd, svbn, svbd, DVA_DIM,
-                                                               offs_d, mask_d, offs_dv, mask_dvb, mask_dva)
-                p_row, p_col, ds = _tied_ds(ra, va, doa, lse_r, delta_r, rb, vb, dob, lse_c, delta_c,
-                                            mask_m[:, None] & mask_n[None, :], scale, PRECISION, UPCAST)
-                acc_v += _dot(p_col.to(dob.dtype), dob, PRECISION, UPCAST)
-                acc_r += _dot(ds.to(rb.dtype), rb, PRECISION, UPCAST)
-            _store_tile(DRA + row0 * D, offs_m, mask_m, D, offs_d, mask_d, acc_r * scale)
-            _store_tile(DVA + row0 * DVA_DIM, offs_m, mask_m, DVA_DIM, offs_dv, mask_dva, acc_v)
+    mask_vo = offs_dv < DVO_DIM
+    mask_vt = offs_dv < DVT_DIM
+    first_o = bh.to(tl.int64) * NO
+    first_t = bh.to(tl.int64) * NT
+    offs_o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_o = offs_o < NO
+    r_o, v_o, do_o, lse_o, delta_o = _tied_side_tiles(RO + b * srob + h * sroh, VO + b * svob + h * svoh, DOO, LSE_O,
+                                                      DELTA_O, first_o, offs_o, mask_o, sron, srod, svon, svod,
+                                                      DVT_DIM, offs_d, mask_d, offs_dv, mask_vo, mask_vt)
+    rt_base = RT + b * srtb + h * srth
+    vt_base = VT + b * svtb + h * svth
+    acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_t in range(0, NT, BLOCK_N):
+        offs_t = start_t + tl.arange(0, BLOCK_N)
+        mask_t = offs_t < NT
+        r_t, v_t, do_t, lse_t, delta_t = _tied_side_tiles(rt_base, vt_base, DOT, LSE_T, DELTA_T, first_t, offs_t,
+                                                          mask_t, srtn, srtd, svtn, svtd, DVO_DIM, offs_d, mask_d,
+                                                          offs_dv, mask_vt, mask_vo)
+        s = _dot(r_o, tl.trans(r_t), PRECISION, UPCAST) * scale
+        valid = mask_o[:, None] & mask_t[None, :]
+        p_o = tl.where(valid, tl.exp(s - lse_o[:, None]), 0.0)
+        p_t = tl.where(valid, tl.exp(s - lse_t[None, :]), 0.0)
+        ds = p_o * (_dot(do_o, tl.trans(v_t), PRECISION, UPCAST) - delta_o[:, None]) + \
+            p_t * (_dot(v_o, tl.trans(do_t), PRECISION, UPCAST) - delta_t[None, :])
+        acc_v += _dot(p_t.to(do_t.dtype), do_t, PRECISION, UPCAST)
+        acc_r += _dot(ds.to(r_t.dtype), r_t, PRECISION, UPCAST)
+    _store_tile(DRO + first_o * D, offs_o, mask_o, D, offs_d, mask_d, acc_r * scale)
+    _store_tile(DVO + first_o * DVO_DIM, offs_o, mask_o, DVO_DIM, offs_dv, mask_vo, acc_v)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -457,14 +505,15 @@ def tied_backward(grad_o_a, grad_o_b, r_a, v_a, r_b, v_b, o_a, o_b, lse_row, lse
     dva_dim, dvb_dim = v_a.shape[3], v_b.shape[3]
     _check_head_dims(D, dva_dim, dvb_dim)
     dr_a, dv_a, dr_b, dv_b = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (r_a, v_a, r_b, v_b))
-    block_m, block_n = _blocks(D, max(dva_dim, dvb_dim))
-    col_blocks = triton.cdiv(NB, block_n)
-    programs = col_blocks + triton.cdiv(NA, block_m)
-    if B * H > 0 and programs > 0:
-        _tied_bwd_kernel[(programs, B * H)](
-            H, D, _scale(D, scale), r_a, v_a, r_b, v_b, grad_o_a.contiguous(), grad_o_b.contiguous(),
-            lse_row.contiguous(), lse_col.contiguous(), _delta(grad_o_a, o_a), _delta(grad_o_b, o_b),
-            dr_a, dv_a, dr_b, dv_b, *r_a.stride(), *v_a.stride(), *r_b.stride(), *v_b.stride(), NA, NB, dva_dim,
-            dvb_dim, col_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_DV=max(16, triton.next_power_of_2(max(dva_dim, dvb_dim))), PRECISION=_precision(r_a.dtype), UPCAST=_upcast(r_a.dtype))
+    dv_width = max(dva_dim, dvb_dim)
+    plan = tiles("tied_backward", D, dv_width, r_a.dtype)
+    side_a = (r_a, v_a, grad_o_a.contiguous(), lse_row.contiguous(), _delta(grad_o_a, o_a))
+    side_b = (r_b, v_b, grad_o_b.contiguous(), lse_col.contiguous(), _delta(grad_o_b, o_b))
+    # one launch per owner side: rows (dr_a, dv_a) with side a owning, columns (dr_b, dv_b) with side b
+    for own, other, grads, n_own, n_other, dv_own, dv_other in (
+            (side_a, side_b, (dr_a, dv_a), NA, NB, dva_dim, dvb_dim),
+            (side_b, side_a, (dr_b, dv_b), NB, NA, dvb_dim, dva_dim)):
+        args = (H, D, _scale(D, scale), *own, *other, *grads, *own[0].stride(), *own[1].stride(), *other[0].stride(),
+                *other[1].stride(), n_own, n_other, dv_own, dv_other)
+        _launch_tiled(_tied_side_kernel, plan, (triton.cdiv(n_own, plan.block_m), B * H), args, D, dv_width, r_a.dtype)
     return dr_a, dv_a, dr_b, dv_b

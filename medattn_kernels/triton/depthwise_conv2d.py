@@ -33,9 +33,13 @@ import triton
 import triton.language as tl
 
 from ..ops.global_spatial_attention import output_layout
+from ._common import launch
 
 BLOCK_H = 16
 BLOCK_W = 32
+# the kernel-row loops' loads are software-pipelined 3 deep (shared memory per stage: an input tile and a
+# banded matrix), but for the IEEE fp32 correlation 2 deep (see correlate_stages)
+NUM_STAGES = 3
 
 
 @triton.jit
@@ -129,6 +133,21 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def num_warps(dtype: torch.dtype) -> int:
+    """Warps per 16 x 32 output tile: 4 on tensor cores (fp16 / bf16); 8 for the IEEE fp32 products, which
+    run on FMAs with their operands in registers (with 4 warps ptxas spills a few words per thread; see
+    docs/gpu_resources.md)."""
+    return 8 if _ieee(dtype) else 4
+
+
+def correlate_stages(dtype: torch.dtype) -> int:
+    """Pipelining depth of the correlation's kernel-row loop. The IEEE fp32 products keep their operands in
+    registers; with a third stage ptxas spills a few words per thread (flipped correlation, BLOCK_WP 64,
+    sm_90), with 2 it does not, and FMAs, not loads, bound that path. (The weight-gradient kernel is the
+    other way round: it spills at 2 stages, not at 3.)"""
+    return 2 if _ieee(dtype) else NUM_STAGES
+
+
 def _block_wp(kw: int, dw: int) -> int:
     return max(16, triton.next_power_of_2(BLOCK_W + dw * (kw - 1)))
 
@@ -142,11 +161,11 @@ def _correlate(src, weight, bias, out_shape, row0, col0, dilation, flip, layout_
     w = weight.contiguous()
     tiles_w = triton.cdiv(out_shape[3], BLOCK_W)
     grid = (B * C, triton.cdiv(out_shape[2], BLOCK_H) * tiles_w)
-    _dw_correlate_kernel[grid](
-        src, w, w if bias is None else bias.contiguous(), dst, C, src.shape[2], src.shape[3], out_shape[2],
-        out_shape[3], row0, col0, KH, KW, dilation[0], dilation[1], tiles_w, *src.stride(), *dst.stride(),
-        HAS_BIAS=bias is not None, FLIP=flip, IEEE=_ieee(src.dtype),
-        BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1]))
+    launch(_dw_correlate_kernel, grid,
+           (src, w, w if bias is None else bias.contiguous(), dst, C, src.shape[2], src.shape[3], out_shape[2],
+            out_shape[3], row0, col0, KH, KW, dilation[0], dilation[1], tiles_w, *src.stride(), *dst.stride()),
+           dict(HAS_BIAS=bias is not None, FLIP=flip, IEEE=_ieee(src.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+                BLOCK_WP=_block_wp(KW, dilation[1])), num_warps(src.dtype), correlate_stages(src.dtype))
     return dst
 
 
@@ -171,10 +190,11 @@ def backward(grad_out, x, weight, padding, dilation, output_mask):
         tiles_w = triton.cdiv(WO, BLOCK_W)
         part = torch.zeros((C, KH, tiles_w, KW), dtype=torch.float32, device=x.device)
         if B > 0:
-            _dw_weight_grad_kernel[(C, KH, tiles_w)](
-                grad_out, x, part, B, C, H, W, HO, WO, padding[0], padding[1], KH, KW, dilation[0], dilation[1],
-                tiles_w, *grad_out.stride(), *x.stride(), IEEE=_ieee(x.dtype),
-                BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1]))
+            launch(_dw_weight_grad_kernel, (C, KH, tiles_w),
+                   (grad_out, x, part, B, C, H, W, HO, WO, padding[0], padding[1], KH, KW, dilation[0], dilation[1],
+                    tiles_w, *grad_out.stride(), *x.stride()),
+                   dict(IEEE=_ieee(x.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, BLOCK_WP=_block_wp(KW, dilation[1])),
+                   num_warps(x.dtype), NUM_STAGES)
         grad_w = part.sum(2).reshape(C, 1, KH, KW).to(x.dtype)
     if output_mask[2]:
         grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(x.dtype)

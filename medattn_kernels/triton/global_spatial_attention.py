@@ -11,9 +11,10 @@ import triton
 import triton.language as tl
 
 from ..ops.global_spatial_attention import output_layout
-from ._common import map_strides
+from ._common import launch, map_strides
 
 BLOCK_P = 256
+NUM_WARPS, NUM_STAGES = 4, 3  # 2 pixels per thread; the channel loops hold no shared memory
 
 
 @triton.jit
@@ -91,8 +92,9 @@ def forward(x: torch.Tensor, y=None) -> torch.Tensor:
     if out.numel() == 0:
         return out
     tiles, grid = _grid(x)
-    _gsa_forward_kernel[grid](x, x if y is None else y, out, x.shape[1], x.shape[2] * x.shape[3], tiles,
-                              *map_strides(x), HAS_Y=y is not None, BLOCK_P=BLOCK_P)
+    launch(_gsa_forward_kernel, grid, (x, x if y is None else y, out, x.shape[1], x.shape[2] * x.shape[3], tiles,
+                                       *map_strides(x)), dict(HAS_Y=y is not None, BLOCK_P=BLOCK_P),
+           NUM_WARPS, NUM_STAGES)
     return out
 
 
@@ -104,6 +106,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if grad_x.numel() == 0:
         return grad_x
     tiles, grid = _grid(x)
-    _gsa_backward_kernel[grid](grad_out, x, grad_x, x.shape[1], x.shape[2] * x.shape[3], tiles,
-                               *map_strides(x), BLOCK_P=BLOCK_P)
+    launch(_gsa_backward_kernel, grid, (grad_out, x, grad_x, x.shape[1], x.shape[2] * x.shape[3], tiles,
+                                        *map_strides(x)), dict(BLOCK_P=BLOCK_P), NUM_WARPS, NUM_STAGES)
     return grad_x

@@ -21,7 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch
+
 BLOCK = 256
+NUM_WARPS, NUM_STAGES = 4, 3  # 2 pixels per thread
 
 
 @triton.jit
@@ -208,7 +211,7 @@ def forward(pred: torch.Tensor, target: torch.Tensor, scales, weights, eps: floa
     probs = pred
     if from_logits:
         probs = torch.empty(pred.shape, dtype=torch.float32, device=pred.device)
-        _softmax_kernel[(B * tiles,)](pred, probs, C, HW, tiles, BLOCK=BLOCK)
+        launch(_softmax_kernel, (B * tiles,), (pred, probs, C, HW, tiles), dict(BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     gacc = torch.empty(pred.shape, dtype=torch.float32, device=pred.device) if compute_grad else None
     first = True
     for s, w in zip(scales, weights):
@@ -223,18 +226,19 @@ def forward(pred: torch.Tensor, target: torch.Tensor, scales, weights, eps: floa
             ay = torch.empty_like(ax)
         else:
             ax = ay = partials  # unused
-        _scale_forward_kernel[(B * C, nblk)](probs, target, ax, ay, partials, C, H, W, Hs, Ws, nblk, ignore_index,
-                                             float(w) / terms, float(eps), S=s, LABELS=labels, GRAD=compute_grad,
-                                             BLOCK=BLOCK)
+        launch(_scale_forward_kernel, (B * C, nblk), (probs, target, ax, ay, partials, C, H, W, Hs, Ws, nblk,
+                                                      ignore_index, float(w) / terms, float(eps)),
+               dict(S=s, LABELS=labels, GRAD=compute_grad, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
         per_image += partials.view(B, -1).sum(dim=1, dtype=torch.float64)
         if compute_grad:
-            _scale_adjoint_kernel[(B * C, tiles)](ax, ay, gacc, H, W, Hs, Ws, S=s, FIRST=first, BLOCK=BLOCK)
+            launch(_scale_adjoint_kernel, (B * C, tiles), (ax, ay, gacc, H, W, Hs, Ws),
+                   dict(S=s, FIRST=first, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
             first = False
     if compute_grad:
         if first:  # every scale was empty
             gacc.zero_()
-        _finalize_kernel[(B * tiles,)](gacc, probs, target, grad, C, HW, tiles, ignore_index, LABELS=labels,
-                                       FROM_LOGITS=from_logits, BLOCK=BLOCK)
+        launch(_finalize_kernel, (B * tiles,), (gacc, probs, target, grad, C, HW, tiles, ignore_index),
+               dict(LABELS=labels, FROM_LOGITS=from_logits, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
     loss = per_image if reduction == 0 else per_image.sum()
     return loss.to(pred.dtype), grad
 
