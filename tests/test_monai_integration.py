@@ -302,8 +302,12 @@ def test_network_float64_parity_and_report(key, fresh_seed):
 # own SDPA path (use_flash_attention=True, mathematically identical): up to 2.4e-5 (losses) and 1.7e-5
 # (parameters); stock vs patched stayed within the same range (1.7e-5, 3.6e-5). Liger-Kernel's float32
 # convergence tests allow 2e-5 on losses and 5e-3 on parameters. Identity of the function itself is the
-# float64 test above (1e-10).
-LOSS_TOLERANCE, PARAM_TOLERANCE = 1e-4, 1e-3
+# float64 test above (1e-10). One seed (MEDATTN_TEST_SEED=955195776, DynUNet-2d) put the patched float32
+# losses 1.06e-4 from the stock ones, while the same 20 steps in float64 agree to 4e-16 and the activated
+# batch norm's float32 outputs and gradients are as close to float64 as BatchNorm's: a non-smooth point
+# (LeakyReLU's kink, whose slope the backward reads from the sign of y) decided differently by the two
+# float32 roundings changes a gradient element by O(dy), not O(eps * dy). Hence 2e-4 on losses.
+LOSS_TOLERANCE, PARAM_TOLERANCE = 2e-4, 1e-3
 
 
 @pytest.mark.parametrize("key", SPECS)

@@ -54,12 +54,12 @@ def test_depthwise_counts_by_hand():
 
 
 def test_memory_bound_ops_by_hand():
-    g1, g2 = roofline.gsa_work(2, 3, 4, 5, 1, 2, "fp32"), roofline.gsa_work(2, 3, 4, 5, 2, 2, "fp32")
+    g1, g2 = roofline.gsa_work(2 * 3 * 4 * 5, 1, 2, "fp32"), roofline.gsa_work(2 * 3 * 4 * 5, 2, 2, "fp32")
     n = 2 * 3 * 4 * 5
     assert (g1.fwd_bytes, g1.fwd_bwd_bytes) == (2 * 2 * n, 2 * 2 * n + 2 * 3 * n)  # x, out; g, x, gx
     assert (g2.fwd_bytes, g2.fwd_bwd_bytes) == (2 * 3 * n, 2 * 3 * n + 2 * 5 * n)  # x, y, out; g, x, y, gx, gy
     assert g2.fwd_flops == 5 * n
-    abn = roofline.activated_bn_work(2, 3, 4, 5, 4, "fp32")
+    abn = roofline.activated_bn_work(2 * 3 * 4 * 5, 4, "fp32")
     assert (abn.fwd_bytes, abn.fwd_bwd_bytes) == (4 * 2 * n, 4 * 5 * n)  # x, y; then y, dy, dx
     sob = roofline.sobel_work(1, 2, 8, 8, (1, 2, 4), 4, 1000, "fp32")
     pooled = 2 * (64 + 16 + 4)

@@ -114,12 +114,11 @@ def depthwise_work(b: int, c: int, h: int, w: int, kh: int, kw: int, ho: int, wo
     return Work(fwd_flops, fwd_bytes, 3 * fwd_flops, fwd_bytes + bwd_bytes, math)
 
 
-def gsa_work(b: int, c: int, h: int, w: int, inputs: int, elem: int, math: str) -> Work:
+def gsa_work(n: int, inputs: int, elem: int, math: str) -> Work:
     """x * sigmoid(mean_c x) per input (and the sum of the two branches). FLOPs per element: 1 (channel
     sum) + 1 (product) per input, + 1 per element for the sum of two; backward 4 per element per input
     (g s, g x, the sums, the rank-one term). Bytes: forward reads the inputs, writes out; backward reads
-    grad_out once and each input, writes each input's gradient."""
-    n = b * c * h * w
+    grad_out once and each input, writes each input's gradient. n: elements per input (any spatial dims)."""
     fwd_flops = n * (2.0 * inputs + (inputs - 1))
     bwd_flops = 4.0 * n * inputs
     fwd_bytes = elem * n * (inputs + 1)
@@ -127,11 +126,11 @@ def gsa_work(b: int, c: int, h: int, w: int, inputs: int, elem: int, math: str) 
     return Work(fwd_flops, fwd_bytes, fwd_flops + bwd_flops, fwd_bytes + bwd_bytes, math)
 
 
-def activated_bn_work(b: int, c: int, h: int, w: int, elem: int, math: str) -> Work:
+def activated_bn_work(n: int, elem: int, math: str) -> Work:
     """Batch statistics (3 FLOPs per element: shift, add, square-add) and the affine + leaky ReLU (4);
     backward: the two sums (4) and grad_x (5). Bytes: forward reads x, writes y; backward reads y and
-    grad_y, writes grad_x (the per-channel parameters and statistics are negligible and left out)."""
-    n = b * c * h * w
+    grad_y, writes grad_x (the per-channel parameters and statistics are negligible and left out). n: elements
+    of x (any spatial dims)."""
     return Work(7.0 * n, 2.0 * elem * n, 16.0 * n, 5.0 * elem * n, math)
 
 
@@ -169,9 +168,14 @@ def case_work(op: str, inputs: Dict[str, Any], tf32: Optional[bool] = None) -> O
     elem, dtype = _elem(first), first.dtype
     if op in ("cross_attention", "bidirectional_cross_attention"):
         math = math_class(dtype, tf32)
-        pairs = [("q", "k", "v")] if op == "cross_attention" else [("q_a", "k_b", "v_b"), ("q_b", "k_a", "v_a")]
-        works = [attention_work(t[q].shape[0], t[q].shape[1], t[q].shape[2], t[k].shape[2], t[q].shape[3],
-                                t[v].shape[3], elem, math) for q, k, v in pairs]
+        if "qkv_a0" in t:  # DIN's DIFM stages: [B, 3c, s, s] per image, one head of width c over s*s tokens
+            shapes = [t[k].shape for k in sorted(t) if k.startswith("qkv_a")]
+            works = [attention_work(b, 1, s * s, s * s, c3 // 3, c3 // 3, elem, math)
+                     for b, c3, s, _ in shapes for _direction in range(2)]
+        else:
+            pairs = [("q", "k", "v")] if op == "cross_attention" else [("q_a", "k_b", "v_b"), ("q_b", "k_a", "v_a")]
+            works = [attention_work(t[q].shape[0], t[q].shape[1], t[q].shape[2], t[k].shape[2], t[q].shape[3],
+                                    t[v].shape[3], elem, math) for q, k, v in pairs]
         gate = elem * t["gate"].numel() if "gate" in t else 0  # read forward and backward, d gate written
         return Work(sum(w.fwd_flops for w in works), sum(w.fwd_bytes for w in works) + gate,
                     sum(w.fwd_bwd_flops for w in works), sum(w.fwd_bwd_bytes for w in works) + 3 * gate, math)
@@ -186,11 +190,11 @@ def case_work(op: str, inputs: Dict[str, Any], tf32: Optional[bool] = None) -> O
         # cores (the Triton kernel's banded matrix products), fp32 is IEEE by design
         return depthwise_work(*x.shape, kh, kw, x.shape[2], x.shape[3], elem, "bias" in t, math_class(dtype, False))
     if op == "global_spatial_attention":
-        return gsa_work(*t["x"].shape, 2 if "y" in t else 1, elem, "fp32")
+        return gsa_work(t["x"].numel(), 2 if "y" in t else 1, elem, "fp32")
     if op == "activated_batch_norm":
         if "conv" in t:
             return None
-        return activated_bn_work(*t["x"].shape, elem, "fp32")
+        return activated_bn_work(t["x"].numel(), elem, "fp32")
     if op == "sobel_boundary_loss":
         pred, target = t["pred"], t["target"]
         return sobel_work(*pred.shape, DEFAULT_SOBEL_SCALES, elem, target.numel() * target.element_size(), "fp32")
