@@ -195,6 +195,9 @@ FORMERLY_SPILLING = [
     ("sweep tied contiguous B2 H2 Na1000 Nb777 D72 Dv72 float16", "_tied_side_kernel"),
     ("sweep tied tokens B2 H2 Na1000 Nb777 D256 Dv256 float32 MEDATTN_TRITON_TF32=0", "_tied_side_kernel"),
     ("sweep tied tokens B2 H2 Na1000 Nb777 D64 Dv64 float32", "_tied_side_kernel"),
+    # found after the merge with the DIN DIFM benchmark case (strided token views, TF32 off)
+    ("bench bidirectional_cross_attention DIN 224px DIFM x4 (B8, N 3136..49, D 16..48, views) float32 "
+     "MEDATTN_TRITON_TF32=0", "_bwd_kernel"),
 ]
 
 

@@ -109,7 +109,8 @@ _TILES = {
     "backward_kv": {
         "16-bit": {64: Tiles(64, 64, 8, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(32, 16, 8, 2)},
         "tf32": {64: Tiles(32, 64, 4, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(16, 16, 8, 2)},
-        "ieee": {64: Tiles(32, 32, 8, 2), 128: Tiles(32, 32, 8, 2), 256: Tiles(16, 16, 8, 2)},
+        # IEEE fp32 at width <= 64 on one stage: two stages spilled 48 B on DIN's strided DIFM token views at D 32
+        "ieee": {64: Tiles(32, 32, 8, 1), 128: Tiles(32, 32, 8, 2), 256: Tiles(16, 16, 8, 2)},
     },
     # programs own BLOCK_M queries, stream BLOCK_N keys
     "backward_q": {
