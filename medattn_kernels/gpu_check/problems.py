@@ -108,7 +108,7 @@ def _forward_backward(fn: Callable, inputs: dict) -> None:
 
     candidate = Candidate("gpu_check", fn)
     forward_callable(candidate, inputs)()
-    forward_backward_callable(candidate, inputs)()
+    forward_backward_callable(candidate, inputs)  # builds the callable and runs one forward + backward
 
 
 def _precisions(op: str, dtype: torch.dtype):
