@@ -70,7 +70,8 @@ def kernel_sources() -> list:
 
 
 def _base_cxx_flags() -> list:
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
+             "-Wno-unknown-pragmas"]  # ATen vec headers carry CUDA-style "#pragma unroll"
     arch = os.environ.get("MEDATTN_CPU_ARCH")
     if arch:
         flags.append(f"-march={arch}")
