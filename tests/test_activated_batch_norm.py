@@ -163,6 +163,15 @@ def test_cpu_blocks_and_chunks(shape, dtype, layout):
     check_parity("cpu", shape, dtype, layout)
 
 
+# Calls touching >= 16 MiB write their output with streaming stores (csrc/include/medattn/stream_store.h):
+# 8.6 MB per map here, 2 maps forward and 3 backward; NCHW rows of 16770 values alternate between
+# aligned (streamed) and unaligned starts (normal stores), each ending in a partial vector.
+@pytest.mark.parametrize("dtype, channels", [(torch.float32, 64), (torch.float64, 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_streaming_stores(dtype, channels, layout):
+    check_parity("cpu", (2, channels, 129, 130), dtype, layout)
+
+
 @pytest.mark.parametrize("slope", [0.01, 0.2, 1.0])
 def test_slopes_and_offset_inputs(slope):
     # A large common offset: the shifted sums must not lose the variance to cancellation.

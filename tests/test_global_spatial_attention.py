@@ -66,6 +66,17 @@ def test_cpu_several_tiles_per_image(dtype, layout):
     check_parity("cpu", (2, 256, 67, 71), dtype, layout, two_inputs=True)
 
 
+# Calls touching >= 16 MiB write their output with streaming stores (csrc/include/medattn/stream_store.h):
+# 8.6 MB per map here, 2 maps forward (3 with y) and 3 backward. HW = 16770 is not a multiple of the
+# vector width, so channel rows alternate between aligned starts (streamed) and unaligned ones (normal
+# stores), and every row ends in a partial vector.
+@pytest.mark.parametrize("dtype, channels", [(torch.float32, 64), (torch.float64, 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("two_inputs", [False, True])
+def test_cpu_streaming_stores(dtype, channels, layout, two_inputs):
+    check_parity("cpu", (2, channels, 129, 130), dtype, layout, two_inputs)
+
+
 def test_mixed_layouts_and_default_backend():
     x = make_tensor((2, 5, 9, 11), layout="channels_last", requires_grad=True)
     y = make_tensor((2, 5, 9, 11), layout="noncontiguous", requires_grad=True)

@@ -25,10 +25,13 @@
 // the AVX512 pass, 8 in AVX2, the portable 8-lane array in DEFAULT; double for float64) over blocks of
 // about kBlockValues values (at most kBlockValues / L + 1 terms per lane), whose sums accumulate in
 // double; the combination order is fixed (no atomics, independent of the thread count). bfloat16
-// blocks are converted to float in a per-thread buffer first.
+// blocks are converted to float in a per-thread buffer first. When a call's maps are larger than a cache
+// keeps, the elementwise pass writes its output with streaming stores (medattn/stream_store.h), which
+// spares the read of every output line before it is written.
 #include "medattn/acc_run.h"  // load_run, run_target, store_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/stream_store.h"  // streaming_pays, store_maybe_streaming
 #include "medattn/vec_math.h"  // Vectorized, lane_sum
 
 #include <algorithm>
@@ -100,14 +103,14 @@ struct NormalizeLanes {
 };
 
 template <typename acc>
-void normalize_leaky(const acc* x, acc* y, int64_t n, int64_t L, const NormalizeLanes<acc>& p) {
+void normalize_leaky(const acc* x, acc* y, int64_t n, int64_t L, const NormalizeLanes<acc>& p, bool stream) {
   using Vec = Vectorized<acc>;
   const Vec slope(p.slope);
   for_each_vector<acc>(n, L, [&](int64_t i, int64_t k, int64_t count) {
     const Vec xv = Vec::loadu(x + i + k, count);
     const Vec z = at::vec::fmadd((xv - Vec::loadu(p.mean_hi + k)) - Vec::loadu(p.mean_lo + k), Vec::loadu(p.scale + k),
                                  Vec::loadu(p.beta + k));
-    Vec::blendv(z * slope, z, z > Vec(0)).store(y + i + k, count);
+    store_maybe_streaming(y + i + k, Vec::blendv(z * slope, z, z > Vec(0)), count, stream);
   });
 }
 
@@ -155,7 +158,7 @@ struct GradLanes {
 };
 
 template <typename acc>
-void grad_x_run(const acc* y, const acc* g, acc* out, int64_t n, int64_t L, const GradLanes<acc>& p) {
+void grad_x_run(const acc* y, const acc* g, acc* out, int64_t n, int64_t L, const GradLanes<acc>& p, bool stream) {
   using Vec = Vectorized<acc>;
   const Vec slope(p.inv.slope), inv_slope(p.inv.inv_slope);
   for_each_vector<acc>(n, L, [&](int64_t i, int64_t k, int64_t count) {
@@ -163,7 +166,7 @@ void grad_x_run(const acc* y, const acc* g, acc* out, int64_t n, int64_t L, cons
     dz_xhat(Vec::loadu(y + i + k, count), Vec::loadu(g + i + k, count), Vec::loadu(p.inv.beta + k),
             Vec::loadu(p.inv.inv_gamma + k), slope, inv_slope, dz, xhat);
     const Vec centred = at::vec::fnmadd(xhat, Vec::loadu(p.mean_dz_xhat + k), dz - Vec::loadu(p.mean_dz + k));
-    (Vec::loadu(p.coef + k) * centred).store(out + i + k, count);
+    store_maybe_streaming(out + i + k, Vec::loadu(p.coef + k) * centred, count, stream);
   });
 }
 
@@ -229,6 +232,11 @@ struct Geometry {
   int64_t B, C, HW;
   bool channels_last;
   int64_t M() const { return B * HW; }
+  // Whether a pass over `maps` maps of the tensor's size (read or written) streams its output.
+  template <typename scalar_t>
+  bool streams(int maps) const {
+    return streaming_pays<scalar_t>(maps * B * C * HW * static_cast<int64_t>(sizeof(scalar_t)));
+  }
 };
 
 inline Geometry geometry_of(const at::Tensor& x, bool channels_last) {
@@ -317,6 +325,7 @@ void forward_nchw(const Geometry& g, const scalar_t* xp, scalar_t* yp, const sca
                   double eps, double slope, acc_t<scalar_t>* mp, acc_t<scalar_t>* vp) {
   using acc = acc_t<scalar_t>;
   const int64_t L = period_lanes<acc>(1);
+  const bool stream = g.streams<scalar_t>(2);  // x read, y written
   parallel_channels(g.C, [&] { return Scratch<scalar_t>(L, 5, kBlockValues); }, [&](Scratch<scalar_t>& s, int64_t c) {
     const double shift = static_cast<double>(xp[c * g.HW]);
     fill_channel(s.param(0, L), L, static_cast<acc>(shift));
@@ -339,9 +348,10 @@ void forward_nchw(const Geometry& g, const scalar_t* xp, scalar_t* yp, const sca
                                     static_cast<acc>(slope)};
     for_each_channel_block_reversed(g, c, [&](int64_t off, int64_t n) {
       acc* out = run_target(yp + off, s.out.data());
-      normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, lanes);
+      normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, lanes, stream);
       store_run(out, yp + off, n);
     });
+    if (stream) stream_fence();
   });
 }
 
@@ -374,10 +384,12 @@ void forward_channels_last(const Geometry& g, const scalar_t* xp, scalar_t* yp, 
     fill_periodic(lanes.data() + i * L, L, C, [&](int64_t c) { return per_channel[i * C + c]; });
   const NormalizeLanes<acc> p{lanes.data(), lanes.data() + L, lanes.data() + 2 * L, lanes.data() + 3 * L,
                               static_cast<acc>(slope)};
+  const bool stream = g.streams<scalar_t>(2);
   parallel_pixel_blocks<acc>(g, L, make, [&](Scratch<scalar_t>& s, int64_t, int64_t off, int64_t n) {
     acc* out = run_target(yp + off, s.out.data());
-    normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, p);
+    normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, p, stream);
     store_run(out, yp + off, n);
+    if (stream) stream_fence();
   });
 }
 
@@ -421,6 +433,7 @@ void backward_nchw(const Geometry& g, const scalar_t* yp, const scalar_t* gp, sc
   using acc = acc_t<scalar_t>;
   const int64_t L = period_lanes<acc>(1);
   const acc slope_a = static_cast<acc>(slope), inv_slope = acc(1) / slope_a;
+  const bool stream = g.streams<scalar_t>(3);  // y and grad_out read, grad_x written
   parallel_channels(g.C, [&] { return Scratch<scalar_t>(L, 5, kBlockValues); }, [&](Scratch<scalar_t>& s, int64_t c) {
     const ChannelInverse<acc> k = channel_inverse(wp, bp, c, eps);
     fill_channel(s.param(0, L), L, k.beta);
@@ -439,9 +452,10 @@ void backward_nchw(const Geometry& g, const scalar_t* yp, const scalar_t* gp, sc
     const GradLanes<acc> p{inv, s.param(2, L), s.param(3, L), s.param(4, L)};
     for_each_channel_block_reversed(g, c, [&](int64_t off, int64_t n) {
       acc* out = run_target(gxp + off, s.out.data());
-      grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p);
+      grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p, stream);
       store_run(out, gxp + off, n);
     });
+    if (stream) stream_fence();
   });
 }
 
@@ -476,10 +490,12 @@ void backward_channels_last(const Geometry& g, const scalar_t* yp, const scalar_
   for (int64_t i = 0; i < 3; ++i)
     fill_periodic(lanes.data() + (2 + i) * L, L, C, [&](int64_t c) { return per_channel[i * C + c]; });
   const GradLanes<acc> p{inv, lanes.data() + 2 * L, lanes.data() + 3 * L, lanes.data() + 4 * L};
+  const bool stream = g.streams<scalar_t>(3);
   parallel_pixel_blocks<acc>(g, L, make, [&](Scratch<scalar_t>& s, int64_t, int64_t off, int64_t n) {
     acc* out = run_target(gxp + off, s.out.data());
-    grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p);
+    grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p, stream);
     store_run(out, gxp + off, n);
+    if (stream) stream_fence();
   });
 }
 

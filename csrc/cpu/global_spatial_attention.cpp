@@ -17,9 +17,12 @@
 // Explicit at::vec::Vectorized<acc> loops (16 floats per vector in the AVX512 pass, 8 in AVX2 and in the
 // portable DEFAULT pass; double for float64); bfloat16 rows are converted to float runs
 // (medattn/acc_run.h). Deterministic: every sum has a fixed order, whatever the thread count.
+// The output pass writes with streaming stores when the call's maps are larger than a cache keeps
+// (medattn/stream_store.h): a normal store would first read every output line from memory.
 #include "medattn/acc_run.h"  // load_run, run_target, store_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/stream_store.h"  // streaming_pays, store_maybe_streaming
 #include "medattn/vec_math.h"  // Vectorized, exp_nonpositive, lane_sum
 
 #include <algorithm>
@@ -90,13 +93,14 @@ int64_t tile_pixels(Layout layout, int64_t C, int64_t HW, int inputs) {
 }
 
 // Per-thread buffers of a tile: channel sums and gates per pixel (padded to whole vectors) and
-// the bfloat16 conversion runs.
+// the bfloat16 conversion runs; whether the output pass streams (medattn/stream_store.h).
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 struct TileScratch {
   std::vector<acc> sum0, sum1, in0, in1, out;
-  TileScratch(int64_t tile, int64_t run)
+  bool stream;
+  TileScratch(int64_t tile, int64_t run, bool stream_out)
       : sum0(padded<acc>(tile)), sum1(padded<acc>(tile)), in0(run_buffer<scalar_t>(run)),
-        in1(run_buffer<scalar_t>(run)), out(run_buffer<scalar_t>(run)) {}
+        in1(run_buffer<scalar_t>(run)), out(run_buffer<scalar_t>(run)), stream(stream_out) {}
 };
 
 // sums[p] = sum_c in[c][p] over an NCHW tile (rows of P values, HW apart).
@@ -149,7 +153,7 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
       const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
       Vec r = Vec::loadu(xv + j, cnt) * gate_x(j);
       if (yv) r = at::vec::fmadd(Vec::loadu(yv + j, cnt), gate_y(j), r);
-      r.store(ov + j, cnt);
+      store_maybe_streaming(ov + j, r, cnt, s.stream);
     }
     store_run(ov, o, n);
   };
@@ -218,7 +222,7 @@ void backward_tile(const scalar_t* g, const scalar_t* x, scalar_t* gx, int64_t C
     acc* ov = run_target(o, s.out.data());
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
-      at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(j), coef_at(j)).store(ov + j, cnt);
+      store_maybe_streaming(ov + j, at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(j), coef_at(j)), cnt, s.stream);
     }
     store_run(ov, o, n);
   };
@@ -237,19 +241,22 @@ void backward_tile(const scalar_t* g, const scalar_t* x, scalar_t* gx, int64_t C
 }
 
 // Splits B x HW into (batch, pixel tile) items and runs `fn(scratch, b, p0, p1)` on each, in parallel,
-// with one TileScratch per thread.
+// with one TileScratch per thread. `inputs` maps are read and one is written: streamed when that is more
+// than a cache keeps (streaming_pays).
 template <typename scalar_t, typename Fn>
 void for_each_pixel_tile(int64_t B, int64_t C, int64_t HW, Layout layout, int inputs, const Fn& fn) {
+  const bool stream = streaming_pays<scalar_t>((inputs + 1) * B * C * HW * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t tile = tile_pixels<scalar_t>(layout, C, HW, inputs);
   const int64_t tiles = (HW + tile - 1) / tile;
   // A conversion run is one channel row of a tile (NCHW) or the whole tile (channels_last).
   const int64_t run = layout == Layout::NCHW ? tile : tile * C;
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<scalar_t> scratch(tile, run);
+    TileScratch<scalar_t> scratch(tile, run, stream);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, t = item % tiles;
       fn(scratch, b, t * tile, std::min(HW, (t + 1) * tile));
     }
+    if (stream) stream_fence();
   });
 }
 
