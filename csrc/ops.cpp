@@ -21,8 +21,9 @@ TORCH_LIBRARY(medattn, m) {
 
   // ---- global spatial attention: x * sigmoid(mean_c x) (+ the same of y, summed in one pass)
   m.def("global_spatial_attention(Tensor x, Tensor? y=None) -> Tensor");
-  // d/dx of x * sigmoid(mean_c x); applied once per input for the two-branch sum.
-  m.def("global_spatial_attention_backward(Tensor grad_out, Tensor x) -> Tensor");
+  // (grad_x, grad_y) of x * sigmoid(mean_c x) (+ the same of y), grad_out read once for both; grad_y has
+  // shape [0] when y is not given.
+  m.def("global_spatial_attention_backward(Tensor grad_out, Tensor x, Tensor? y=None) -> (Tensor, Tensor)");
 
   // ---- activated batch norm: leaky_relu(batch_norm(x)) with batch statistics, gamma = |weight| + eps,
   // keeping only its output for backward (InPlace-ABN). Returns (y, mean, var): the biased batch

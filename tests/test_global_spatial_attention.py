@@ -121,7 +121,24 @@ def test_opcheck(two_inputs):
     y = make_tensor((2, 5, 7, 3), requires_grad=True) if two_inputs else None
     torch.library.opcheck(torch.ops.medattn.global_spatial_attention.default, (x, y))
     g = make_tensor((2, 5, 7, 3))
-    torch.library.opcheck(torch.ops.medattn.global_spatial_attention_backward.default, (g, x.detach()))
+    torch.library.opcheck(torch.ops.medattn.global_spatial_attention_backward.default,
+                          (g, x.detach(), None if y is None else y.detach()))
+
+
+# The two-branch backward is one kernel call when both maps need gradients, one call for the map that
+# does otherwise.
+@pytest.mark.parametrize("grad_x, grad_y", [(True, False), (False, True), (True, True)])
+def test_gradients_of_either_branch(grad_x, grad_y):
+    x = make_tensor((2, 6, 9, 10), requires_grad=grad_x)
+    y = make_tensor((2, 6, 9, 10), layout="channels_last", requires_grad=grad_y)
+    out = mk.global_spatial_attention(x, y, backend="cpu")
+    x64, y64 = as_float64_leaves([x, y])
+    ref = reference.global_spatial_attention(x64, y64)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    leaves = [t for t, want in ((x, grad_x), (y, grad_y)) if want]
+    leaves64 = [t for t, want in ((x64, grad_x), (y64, grad_y)) if want]
+    for g, g_ref in zip(grads_of(out, leaves, grad), grads_of(ref, leaves64, grad)):
+        assert_close_to_reference(g, g_ref, torch.float32, "grad")
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 5, 7), (2, 6, 9)])

@@ -13,6 +13,7 @@
 //   d out_c / d x_c' = s [c == c'] + x_c s (1 - s) / C
 //   grad_x_c = g_c s + (sum_c' g_c' x_c') s (1 - s) / C
 // so one pass forms both channel sums (of x and of g*x) and a second pass, from cache, writes grad_x.
+// The two-branch sum's backward does both maps in one call: g is read once for the two.
 //
 // Explicit at::vec::Vectorized<acc> loops (16 floats per vector in the AVX512 pass, 8 in AVX2 and in the
 // portable DEFAULT pass; double for float64); bfloat16 rows are converted to float runs
@@ -96,11 +97,12 @@ int64_t tile_pixels(Layout layout, int64_t C, int64_t HW, int inputs) {
 // the bfloat16 conversion runs; whether the output pass streams (medattn/stream_store.h).
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 struct TileScratch {
-  std::vector<acc> sum0, sum1, in0, in1, out;
+  std::vector<acc> sum0, sum1, sum2, sum3, in0, in1, in2, out;
   bool stream;
   TileScratch(int64_t tile, int64_t run, bool stream_out)
-      : sum0(padded<acc>(tile)), sum1(padded<acc>(tile)), in0(run_buffer<scalar_t>(run)),
-        in1(run_buffer<scalar_t>(run)), out(run_buffer<scalar_t>(run)), stream(stream_out) {}
+      : sum0(padded<acc>(tile)), sum1(padded<acc>(tile)), sum2(padded<acc>(tile)), sum3(padded<acc>(tile)),
+        in0(run_buffer<scalar_t>(run)), in1(run_buffer<scalar_t>(run)), in2(run_buffer<scalar_t>(run)),
+        out(run_buffer<scalar_t>(run)), stream(stream_out) {}
 };
 
 // sums[p] = sum_c in[c][p] over an NCHW tile (rows of P values, HW apart).
@@ -174,78 +176,93 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
   }
 }
 
+// Backward of one tile for n_inputs maps (x, and y for the two-branch sum) sharing one grad_out g: one
+// pass forms every map's two channel sums (g is read once for both), the second writes every grad.
 template <typename scalar_t, Layout L>
-void backward_tile(const scalar_t* g, const scalar_t* x, scalar_t* gx, int64_t C, int64_t HW, int64_t p0, int64_t p1,
-                   TileScratch<scalar_t>& s) {
+void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* const* grads, int n_inputs, int64_t C,
+                   int64_t HW, int64_t p0, int64_t p1, TileScratch<scalar_t>& s) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
   const int64_t P = p1 - p0;
   const acc inv_c = acc(1) / static_cast<acc>(C);
-  acc* gate = s.sum0.data();  // sum_c x, then s
-  acc* coef = s.sum1.data();  // sum_c g x, then (sum_c g x) s (1 - s) / C
+  // per map: sum_c x, then s; sum_c g x, then (sum_c g x) s (1 - s) / C
+  acc* gate[2] = {s.sum0.data(), s.sum2.data()};
+  acc* coef[2] = {s.sum1.data(), s.sum3.data()};
+  acc* map_buf[2] = {s.in0.data(), s.in2.data()};
   if constexpr (L == Layout::NCHW) {
-    std::fill(gate, gate + padded<acc>(P), acc(0));
-    std::fill(coef, coef + padded<acc>(P), acc(0));
+    for (int i = 0; i < n_inputs; ++i) {
+      std::fill(gate[i], gate[i] + padded<acc>(P), acc(0));
+      std::fill(coef[i], coef[i] + padded<acc>(P), acc(0));
+    }
     for (int64_t c = 0; c < C; ++c) {
-      const acc* xr = load_run(x + c * HW + p0, P, s.in0.data());
       const acc* gr = load_run(g + c * HW + p0, P, s.in1.data());
-      for (int64_t p = 0; p < P; p += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), P - p);
-        const Vec xv = Vec::loadu(xr + p, n);
-        (Vec::loadu(gate + p) + xv).store(gate + p);
-        at::vec::fmadd(xv, Vec::loadu(gr + p, n), Vec::loadu(coef + p)).store(coef + p);
+      for (int i = 0; i < n_inputs; ++i) {
+        const acc* xr = load_run(maps[i] + c * HW + p0, P, map_buf[i]);
+        for (int64_t p = 0; p < P; p += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), P - p);
+          const Vec xv = Vec::loadu(xr + p, n);
+          (Vec::loadu(gate[i] + p) + xv).store(gate[i] + p);
+          at::vec::fmadd(xv, Vec::loadu(gr + p, n), Vec::loadu(coef[i] + p)).store(coef[i] + p);
+        }
       }
     }
   } else {
-    const acc* xt = load_run(x + p0 * C, P * C, s.in0.data());
     const acc* gt = load_run(g + p0 * C, P * C, s.in1.data());
-    for (int64_t p = 0; p < P; ++p) {
-      Vec sx(0), sgx(0);
-      for (int64_t c = 0; c < C; c += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - c);
-        const Vec xv = Vec::loadu(xt + p * C + c, n);
-        sx = sx + xv;
-        sgx = at::vec::fmadd(xv, Vec::loadu(gt + p * C + c, n), sgx);
+    for (int i = 0; i < n_inputs; ++i) {
+      const acc* xt = load_run(maps[i] + p0 * C, P * C, map_buf[i]);
+      for (int64_t p = 0; p < P; ++p) {
+        Vec sx(0), sgx(0);
+        for (int64_t c = 0; c < C; c += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+          const Vec xv = Vec::loadu(xt + p * C + c, n);
+          sx = sx + xv;
+          sgx = at::vec::fmadd(xv, Vec::loadu(gt + p * C + c, n), sgx);
+        }
+        gate[i][p] = lane_sum(sx);
+        coef[i][p] = lane_sum(sgx);
       }
-      gate[p] = lane_sum(sx);
-      coef[p] = lane_sum(sgx);
     }
   }
-  for (int64_t p = 0; p < P; p += Vec::size()) {
-    const Vec sv = sigmoid(Vec::loadu(gate + p) * Vec(inv_c));
-    sv.store(gate + p);
-    (Vec::loadu(coef + p) * sv * (Vec(1) - sv) * Vec(inv_c)).store(coef + p);
-  }
-  // grad = g * s + coef
-  const auto write = [&](const scalar_t* gin, scalar_t* o, int64_t n, const auto& s_at, const auto& coef_at) {
-    const acc* gv = load_run(gin, n, s.in1.data());
-    acc* ov = run_target(o, s.out.data());
-    for (int64_t j = 0; j < n; j += Vec::size()) {
-      const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
-      store_maybe_streaming(ov + j, at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(j), coef_at(j)), cnt, s.stream);
+  for (int i = 0; i < n_inputs; ++i) {
+    for (int64_t p = 0; p < P; p += Vec::size()) {
+      const Vec sv = sigmoid(Vec::loadu(gate[i] + p) * Vec(inv_c));
+      sv.store(gate[i] + p);
+      (Vec::loadu(coef[i] + p) * sv * (Vec(1) - sv) * Vec(inv_c)).store(coef[i] + p);
     }
-    store_run(ov, o, n);
+  }
+  // grad_i = g * s_i + coef_i, for every map from one read of g
+  const auto write = [&](int64_t g_off, int64_t n, const auto& s_at, const auto& coef_at) {
+    const acc* gv = load_run(g + g_off, n, s.in1.data());
+    for (int i = 0; i < n_inputs; ++i) {
+      acc* ov = run_target(grads[i] + g_off, s.out.data());
+      for (int64_t j = 0; j < n; j += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
+        store_maybe_streaming(ov + j, at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(i, j), coef_at(i, j)), cnt,
+                              s.stream);
+      }
+      store_run(ov, grads[i] + g_off, n);
+    }
   };
   if constexpr (L == Layout::NCHW) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t off = c * HW + p0;
-      write(g + off, gx + off, P, [&](int64_t j) { return Vec::loadu(gate + j); },
-            [&](int64_t j) { return Vec::loadu(coef + j); });
-    }
+    for (int64_t c = 0; c < C; ++c)
+      write(c * HW + p0, P, [&](int i, int64_t j) { return Vec::loadu(gate[i] + j); },
+            [&](int i, int64_t j) { return Vec::loadu(coef[i] + j); });
   } else {
     for (int64_t p = p0; p < p1; ++p) {
-      const Vec sv(gate[p - p0]), cv(coef[p - p0]);
-      write(g + p * C, gx + p * C, C, [&](int64_t) { return sv; }, [&](int64_t) { return cv; });
+      const Vec sv[2] = {Vec(gate[0][p - p0]), Vec(n_inputs > 1 ? gate[1][p - p0] : acc(0))};
+      const Vec cv[2] = {Vec(coef[0][p - p0]), Vec(n_inputs > 1 ? coef[1][p - p0] : acc(0))};
+      write(p * C, C, [&](int i, int64_t) { return sv[i]; }, [&](int i, int64_t) { return cv[i]; });
     }
   }
 }
 
 // Splits B x HW into (batch, pixel tile) items and runs `fn(scratch, b, p0, p1)` on each, in parallel,
-// with one TileScratch per thread. `inputs` maps are read and one is written: streamed when that is more
-// than a cache keeps (streaming_pays).
+// with one TileScratch per thread. The call reads `inputs` maps and writes `outputs`: streamed when
+// that is more than a cache keeps (streaming_pays).
 template <typename scalar_t, typename Fn>
-void for_each_pixel_tile(int64_t B, int64_t C, int64_t HW, Layout layout, int inputs, const Fn& fn) {
-  const bool stream = streaming_pays<scalar_t>((inputs + 1) * B * C * HW * static_cast<int64_t>(sizeof(scalar_t)));
+void for_each_pixel_tile(int64_t B, int64_t C, int64_t HW, Layout layout, int inputs, int outputs, const Fn& fn) {
+  const bool stream =
+      streaming_pays<scalar_t>((inputs + outputs) * B * C * HW * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t tile = tile_pixels<scalar_t>(layout, C, HW, inputs);
   const int64_t tiles = (HW + tile - 1) / tile;
   // A conversion run is one channel row of a tile (NCHW) or the whole tile (channels_last).
@@ -285,7 +302,7 @@ at::Tensor gsa_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int n_inputs = y.defined() ? 2 : 1;
-    for_each_pixel_tile<scalar_t>(B, C, HW, layout, n_inputs, [&](auto& s, int64_t b, int64_t p0, int64_t p1) {
+    for_each_pixel_tile<scalar_t>(B, C, HW, layout, n_inputs, 1, [&](auto& s, int64_t b, int64_t p0, int64_t p1) {
       const scalar_t* inputs[2] = {xp + b * C * HW, yp ? yp + b * C * HW : nullptr};
       if (layout == Layout::NCHW)
         forward_tile<scalar_t, Layout::NCHW>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s);
@@ -296,7 +313,9 @@ at::Tensor gsa_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   return out;
 }
 
-at::Tensor gsa_backward(const at::Tensor& grad_in, const at::Tensor& x_in) {
+// Returns (grad_x, grad_y): grad_y has shape [0] when y is not given.
+std::tuple<at::Tensor, at::Tensor> gsa_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                const std::optional<at::Tensor>& y_in) {
   check_map(x_in, "x");
   check_map(grad_in, "grad_out");
   check_same(x_in, grad_in, "x", "grad_out");
@@ -304,22 +323,36 @@ at::Tensor gsa_backward(const at::Tensor& grad_in, const at::Tensor& x_in) {
   const Layout layout = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, layout);
   const at::Tensor g = in_layout(grad_in, layout);
+  at::Tensor y;
+  if (y_in.has_value()) {
+    check_map(*y_in, "y");
+    check_same(x_in, *y_in, "x", "y");
+    TORCH_CHECK(y_in->sizes() == x_in.sizes(), "y: expected shape ", x_in.sizes(), " (as x), got ", y_in->sizes());
+    y = in_layout(*y_in, layout);
+  }
   at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_y = y.defined() ? at::empty_like(x) : at::empty({0}, x.options());
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  if (grad_x.numel() == 0) return grad_x;
+  if (grad_x.numel() == 0) return {grad_x, grad_y};
   MEDATTN_DISPATCH_FLOATING(x.scalar_type(), "global_spatial_attention_backward", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    scalar_t* op = grad_x.mutable_data_ptr<scalar_t>();
-    for_each_pixel_tile<scalar_t>(B, C, HW, layout, 2, [&](auto& s, int64_t b, int64_t p0, int64_t p1) {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* gyp = y.defined() ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
+    const int n_inputs = y.defined() ? 2 : 1;
+    for_each_pixel_tile<scalar_t>(B, C, HW, layout, 1 + n_inputs, n_inputs, [&](auto& s, int64_t b, int64_t p0,
+                                                                                  int64_t p1) {
       const int64_t off = b * C * HW;
+      const scalar_t* maps[2] = {xp + off, yp ? yp + off : nullptr};
+      scalar_t* grads[2] = {gxp + off, gyp ? gyp + off : nullptr};
       if (layout == Layout::NCHW)
-        backward_tile<scalar_t, Layout::NCHW>(gp + off, xp + off, op + off, C, HW, p0, p1, s);
+        backward_tile<scalar_t, Layout::NCHW>(gp + off, maps, grads, n_inputs, C, HW, p0, p1, s);
       else
-        backward_tile<scalar_t, Layout::NHWC>(gp + off, xp + off, op + off, C, HW, p0, p1, s);
+        backward_tile<scalar_t, Layout::NHWC>(gp + off, maps, grads, n_inputs, C, HW, p0, p1, s);
     });
   });
-  return grad_x;
+  return {grad_x, grad_y};
 }
 
 }  // namespace

@@ -32,6 +32,11 @@ inline void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, c
   if (!ok) ++failures;
 }
 
+inline void expect(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
 template <typename Fn>
 inline void expect_throws(Fn&& fn, const std::string& needle, const std::string& what) {
   try {

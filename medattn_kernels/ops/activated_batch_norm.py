@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..triton._common import output_layout
 from ._checks import as_4d_map, check_dims, check_floating, check_like, check_spatial_map, check_tensor
 from ._registry import FusedOp, needs_grad, none_if_absent
-from .global_spatial_attention import output_layout
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,15 +14,11 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
+from ..triton._common import lse_dtype
 from ._checks import check_floating, check_like, check_scale, check_tensor
 from ._registry import FusedOp, needs_grad, none_if_absent, zeros_if_none
 
 _TOKENS = "[B, H, N, D]"
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Log-sum-exp statistics are float64 for float64 inputs and float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _stats(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ grad weight a reduction over (B, H, W) done per work item and summed in a fixed 
 grad bias a plain sum.
 
 Layout: the output (and grad input) keep channels_last when x is channels_last, else NCHW-contiguous
-(the rule of global_spatial_attention.output_layout). The CPU kernel computes in NCHW internally and
+(the rule of triton/_common.output_layout). The CPU kernel computes in NCHW internally and
 converts channels_last inputs (a copy in each direction; see csrc/cpu/depthwise_conv2d.cpp).
 
 GPU backend rule (choose_gpu): the CUDA C++ kernel stages the padded input tile and the whole kernel in
@@ -28,9 +28,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import reference
+from ..triton._common import output_layout
 from ._checks import check_floating, check_int_pair, check_like, check_tensor
 from ._registry import FusedOp, needs_grad, none_if_absent
-from .global_spatial_attention import output_layout
 
 MAX_KERNEL = 63
 # KH * KW from which the CUDA C++ shared-memory kernel serves the GPU (see the module docstring).

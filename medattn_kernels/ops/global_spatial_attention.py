@@ -12,24 +12,18 @@ from typing import Optional
 import torch
 
 from .. import reference
+from ..triton._common import output_layout
 from ._checks import as_4d_map, check_floating, check_like, check_spatial_map
 from ._registry import FusedOp, needs_grad
-
-
-def output_layout(x: torch.Tensor) -> torch.memory_format:
-    """Kernels keep channels_last inputs channels_last and make everything else NCHW-contiguous
-    (the same rule as csrc/cpu/global_spatial_attention.cpp's layout_of)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _fake(x, y=None):
     return torch.empty_like(x, memory_format=output_layout(x))
 
 
-def _backward_fake(grad_out, x):
-    return torch.empty_like(x, memory_format=output_layout(x))
+def _backward_fake(grad_out, x, y=None):
+    grad_y = torch.empty_like(x, memory_format=output_layout(x)) if y is not None else x.new_empty((0,))
+    return torch.empty_like(x, memory_format=output_layout(x)), grad_y
 
 
 def _setup_context(ctx, inputs, output):
@@ -38,10 +32,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, backward_fn, grad):
+    # One call for both branches when both need gradients: grad_out is read once for the two.
     x, y = ctx.saved_tensors
-    grad_x = backward_fn(grad, x) if needs_grad(ctx, 0) else None
-    grad_y = backward_fn(grad, y) if y is not None and needs_grad(ctx, 1) else None
-    return grad_x, grad_y
+    want_x, want_y = needs_grad(ctx, 0), y is not None and needs_grad(ctx, 1)
+    if want_x and want_y:
+        return backward_fn(grad, x, y)
+    if want_x:
+        return backward_fn(grad, x, None)[0], None
+    if want_y:
+        return None, backward_fn(grad, y, None)[0]
+    return None, None
 
 
 def _triton():

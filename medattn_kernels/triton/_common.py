@@ -1,4 +1,5 @@
-"""What the Triton launchers share: strides of feature maps, and the one way a launcher launches.
+"""What the Triton launchers share with each other and with the ops' glue (medattn_kernels/ops): output
+layouts and statistic dtypes, strides of feature maps, and the one way a launcher launches.
 
 Every launcher builds its launches through `launch()`: the kernel, grid, runtime arguments, constexprs,
 num_warps and num_stages are then one value (a `Launch`) that is either run or, inside
@@ -14,6 +15,20 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+
+def output_layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a feature-map op's outputs, in every backend: channels_last inputs stay
+    channels_last, everything else becomes NCHW-contiguous (csrc/cpu/global_spatial_attention.cpp's
+    layout_of is the same rule)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-sum-exp statistics are float64 for float64 inputs and float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def map_strides(x: torch.Tensor):

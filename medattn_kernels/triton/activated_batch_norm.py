@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.global_spatial_attention import output_layout
-from ._common import launch, map_strides
+from ._common import launch, map_strides, output_layout
 
 BLOCK = 1024
 TARGET_PROGRAMS = 2048  # about 16 waves of programs on a 132-SM H100

@@ -34,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.cross_attention import lse_dtype
-from ._common import AcceptedSpill, launch
+from ._common import AcceptedSpill, launch, lse_dtype
 
 ALLOW_TF32 = os.environ.get("MEDATTN_TRITON_TF32", "1") not in ("0", "false", "False")
 MAX_HEAD_DIM = 256

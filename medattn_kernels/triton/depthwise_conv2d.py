@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.global_spatial_attention import output_layout
-from ._common import launch
+from ._common import launch, output_layout
 
 BLOCK_H = 16
 BLOCK_W = 32

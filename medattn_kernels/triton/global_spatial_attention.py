@@ -6,12 +6,13 @@ same kernel serves NCHW (pixels unit-stride) and channels_last (pixels C apart) 
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.global_spatial_attention import output_layout
-from ._common import launch, map_strides
+from ._common import launch, map_strides, output_layout
 
 BLOCK_P = 256
 NUM_WARPS, NUM_STAGES = 4, 3  # 2 pixels per thread; the channel loops hold no shared memory
@@ -98,10 +99,8 @@ def forward(x: torch.Tensor, y=None) -> torch.Tensor:
     return out
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    layout = output_layout(x)
+def _backward_one(grad_out: torch.Tensor, x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
     x = x.contiguous(memory_format=layout)
-    grad_out = grad_out.contiguous(memory_format=layout)
     grad_x = torch.empty_like(x, memory_format=layout)
     if grad_x.numel() == 0:
         return grad_x
@@ -109,3 +108,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     launch(_gsa_backward_kernel, grid, (grad_out, x, grad_x, x.shape[1], x.shape[2] * x.shape[3], tiles,
                                         *map_strides(x)), dict(BLOCK_P=BLOCK_P), NUM_WARPS, NUM_STAGES)
     return grad_x
+
+
+def backward(grad_out: torch.Tensor, x: torch.Tensor,
+             y: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_y) with the schema's signature; grad_y has shape [0] without y. One launch per map."""
+    layout = output_layout(x)
+    grad_out = grad_out.contiguous(memory_format=layout)
+    grad_y = _backward_one(grad_out, y, layout) if y is not None else x.new_empty((0,))
+    return _backward_one(grad_out, x, layout), grad_y
