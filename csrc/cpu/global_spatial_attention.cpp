@@ -283,17 +283,20 @@ void check_map(const at::Tensor& t, const char* name) {
   check_float(t, name);
 }
 
+// The optional second map y, checked against x and in x's layout (undefined when not given).
+at::Tensor second_map(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, Layout layout) {
+  if (!y_in.has_value()) return at::Tensor();
+  check_map(*y_in, "y");
+  check_same(x_in, *y_in, "x", "y");
+  TORCH_CHECK(y_in->sizes() == x_in.sizes(), "y: expected shape ", x_in.sizes(), " (as x), got ", y_in->sizes());
+  return in_layout(*y_in, layout);
+}
+
 at::Tensor gsa_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in) {
   check_map(x_in, "x");
   const Layout layout = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, layout);
-  at::Tensor y;
-  if (y_in.has_value()) {
-    check_map(*y_in, "y");
-    check_same(x_in, *y_in, "x", "y");
-    TORCH_CHECK(y_in->sizes() == x_in.sizes(), "y: expected shape ", x_in.sizes(), " (as x), got ", y_in->sizes());
-    y = in_layout(*y_in, layout);
-  }
+  const at::Tensor y = second_map(x_in, y_in, layout);
   at::Tensor out = at::empty_like(x);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   if (out.numel() == 0) return out;
@@ -323,13 +326,7 @@ std::tuple<at::Tensor, at::Tensor> gsa_backward(const at::Tensor& grad_in, const
   const Layout layout = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, layout);
   const at::Tensor g = in_layout(grad_in, layout);
-  at::Tensor y;
-  if (y_in.has_value()) {
-    check_map(*y_in, "y");
-    check_same(x_in, *y_in, "x", "y");
-    TORCH_CHECK(y_in->sizes() == x_in.sizes(), "y: expected shape ", x_in.sizes(), " (as x), got ", y_in->sizes());
-    y = in_layout(*y_in, layout);
-  }
+  const at::Tensor y = second_map(x_in, y_in, layout);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_y = y.defined() ? at::empty_like(x) : at::empty({0}, x.options());
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
