@@ -14,7 +14,7 @@ from conftest import triton_device
 
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # (Nq, Nk, D, Dv): odd token counts, the head dims of the issue, Dv != D, a single query / key
-CA_SHAPES = [(37, 53, 24, 24), (37, 53, 48, 40), (53, 37, 96, 96), (1, 300, 96, 64), (300, 1, 24, 8)]
+CA_SHAPES = [(37, 53, 24, 24), (29, 41, 20, 12), (37, 53, 48, 40), (53, 37, 96, 96), (1, 300, 96, 64), (300, 1, 24, 8)]
 PAIR_SHAPES = [(37, 53, 24, 24, 40), (53, 37, 48, 48, 48), (1, 300, 96, 64, 96), (300, 1, 24, 8, 16)]
 
 

@@ -1,0 +1,61 @@
+// 8 x 8 block transposes for the packing passes of the attention kernels (K^T, Q^T, dO^T from
+// token-major [B, H, N, D] tensors):
+//
+//     dst[j * ld_dst + i] = src[i * ld_src + j],  i, j < 8.
+//
+// float on the AVX2 and AVX-512 passes: eight 256-bit rows through the unpack / shuffle / lane-permute
+// network (24 shuffles per 64 values), so a pack runs at L2 speed instead of one scalar gather per value.
+// The AVX-512 pass uses the same 256-bit code: its 16 x 16 zmm network needs twice the shuffles per value
+// through Zen 4's one 512-bit shuffle pipe, and ATen's transpose_mxn<float> there (a runtime-shaped
+// version) draws -Wmaybe-uninitialized from its partial-block paths. Everything else (double, the DEFAULT
+// pass, aarch64) runs the scalar loop.
+#pragma once
+
+#include "medattn/vec_math.h"  // CPU_CAPABILITY namespace
+
+#include <cstdint>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace medattn {
+inline namespace CPU_CAPABILITY {
+
+constexpr int64_t kTransposeBlock = 8;
+
+template <typename T>
+inline void transpose_8x8(const T* __restrict src, int64_t ld_src, T* __restrict dst, int64_t ld_dst) {
+  for (int64_t j = 0; j < kTransposeBlock; ++j)
+    for (int64_t i = 0; i < kTransposeBlock; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+inline void transpose_8x8<float>(const float* __restrict src, int64_t ld_src, float* __restrict dst,
+                                 int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  // pairs of rows interleaved: t0 = a0 b0 a1 b1 | a4 b4 a5 b5, t1 = a2 b2 a3 b3 | a6 b6 a7 b7, ...
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // quads: r0 = a0 b0 c0 d0 | a4 b4 c4 d4, r1 = a1 b1 c1 d1 | a5 .., r2 = a2 .. | a6 .., r3 = a3 .. | a7 ..
+  for (int h = 0; h < 2; ++h) {
+    const __m256 *lo = t + 4 * h, *hi = t + 4 * h + 2;
+    r[4 * h + 0] = _mm256_shuffle_ps(lo[0], hi[0], 0x44);
+    r[4 * h + 1] = _mm256_shuffle_ps(lo[0], hi[0], 0xEE);
+    r[4 * h + 2] = _mm256_shuffle_ps(lo[1], hi[1], 0x44);
+    r[4 * h + 3] = _mm256_shuffle_ps(lo[1], hi[1], 0xEE);
+  }
+  // 128-bit halves of rows 0-3 and 4-7 joined: column j = low halves (j < 4) or high halves (j >= 4)
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ld_dst, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ld_dst, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+#endif
+
+}  // namespace CPU_CAPABILITY
+}  // namespace medattn
