@@ -235,6 +235,29 @@ def test_torch_compile_fullgraph():
     assert_close_to_reference(pred.grad, pred64.grad, torch.float32, "grad pred")
 
 
+def test_reference_replicate_pad_is_f_pad():
+    import importlib
+    ref_module = importlib.import_module("medattn_kernels.reference.sobel_boundary_loss")
+    for shape in [(2, 3, 7, 10), (1, 1, 1, 1), (1, 2, 1, 5)]:
+        u = make_tensor(shape, torch.float64)
+        assert torch.equal(ref_module.replicate_pad1(u), F.pad(u, (1, 1, 1, 1), mode="replicate"))
+
+
+def test_reference_runs_under_inductor():
+    """The reference is the benchmark's torch.compile baseline: Inductor must compile its forward and
+    backward and agree with eager."""
+    pred = make_pred((2, 3, 12, 10), from_logits=True)
+    labels = make_target((2, 3, 12, 10), "labels")
+    compiled = torch.compile(reference.sobel_boundary_loss)
+    loss = compiled(pred, labels, from_logits=True)
+    (grad,) = torch.autograd.grad(loss, [pred])
+    pred_eager = pred.detach().clone().requires_grad_()
+    loss_eager = reference.sobel_boundary_loss(pred_eager, labels, from_logits=True)
+    (grad_eager,) = torch.autograd.grad(loss_eager, [pred_eager])
+    torch.testing.assert_close(loss, loss_eager)
+    torch.testing.assert_close(grad, grad_eager)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_modules(fused):
     logits = make_pred((2, 4, 16, 12), from_logits=True)

@@ -137,9 +137,9 @@ def forward_backward_callable(candidate: Candidate, inputs: Dict[str, Any]) -> C
         o = [t for t in _as_tuple(candidate.fn(**inputs)) if t.requires_grad]
         torch.autograd.grad(o, leaves, grads, allow_unused=True)
 
-    # One backward now, so that a baseline whose backward cannot run (Inductor's compiled backward of the
-    # Sobel reference's replicate padding, torch 2.13) fails here, where run_case reports it, and not in
-    # the timing loop.
+    # One backward now, so that a baseline whose backward cannot run (as Inductor's compiled backward of
+    # F.pad(mode="replicate") in torch 2.13) fails here, where run_case reports it, and not in the timing
+    # loop.
     run()
     return run
 

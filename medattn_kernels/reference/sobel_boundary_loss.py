@@ -6,12 +6,20 @@ import torch.nn.functional as F
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def replicate_pad1(u: torch.Tensor) -> torch.Tensor:
+    """F.pad(u, (1, 1, 1, 1), mode="replicate"), value for value, written as edge copies: Inductor (torch
+    2.13) fails on the backward of aten.replication_pad2d (an assert_size_stride mismatch in its compiled
+    backward), so with F.pad the reference could not be a torch.compile baseline; eager is no slower."""
+    u = torch.cat([u[..., :1, :], u, u[..., -1:, :]], dim=-2)
+    return torch.cat([u[..., :1], u, u[..., -1:]], dim=-1)
+
+
 def sobel_magnitude(u: torch.Tensor, eps: float) -> torch.Tensor:
     """sqrt(gx^2 + gy^2 + eps) with the Sobel pair / 8, replicate padding, cross-correlation."""
     c = u.shape[1]
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=u.dtype, device=u.device) / 8
     weight = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(c, 1, 1, 1)  # [2C,1,3,3]: gx, gy per channel
-    g = F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), weight, groups=c)
+    g = F.conv2d(replicate_pad1(u), weight, groups=c)
     gx, gy = g[:, 0::2], g[:, 1::2]
     return torch.sqrt(gx * gx + gy * gy + eps)
 
