@@ -11,7 +11,9 @@ can also run, one per line (the test targets run the parity tests once per pass)
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import tempfile
 from typing import List, Optional
 
 import torch
@@ -45,6 +47,14 @@ def supported_isas() -> List[str]:
     best = torch.backends.cpu.get_cpu_capability()
     top = ISAS.index(best) if best in ISAS else 0
     return list(ISAS[: top + 1])
+
+
+def inductor_cache_dir(capability: Optional[str] = None) -> str:
+    """A TorchInductor code cache of its own for one CPU capability (default: the one in use). Inductor's
+    cache key leaves ATEN_CPU_CAPABILITY out (torch 2.13): a process forced to AVX2 reused kernels compiled
+    under AVX-512 and aborted (benchmark) or returned NaN (the compiled Sobel reference, tests)."""
+    cap = (capability or torch.backends.cpu.get_cpu_capability()).lower()
+    return os.path.join(tempfile.gettempdir(), f"medattn_inductor_{cap}")
 
 
 def describe() -> str:

@@ -6,13 +6,20 @@
   (TRITON_INTERPRET=1 must be set before triton is imported, so CI runs them in a separate pytest
   process). Without either they skip, saying which toolchain is missing.
 * `@pytest.mark.cuda` tests need a CUDA GPU and skip, saying so, without one.
+* torch.compile (Inductor) caches its kernels per CPU capability (medattn_kernels.isa.inductor_cache_dir).
 """
 import os
 
 import pytest
 import torch
 
+from medattn_kernels.isa import inductor_cache_dir
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# One Inductor code cache per CPU capability: `make test-isa` reruns the tests under ATEN_CPU_CAPABILITY,
+# and Inductor would otherwise reuse the kernels it compiled for another one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
 
 
 def triton_device() -> str:

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import subprocess
-import tempfile
 import sys
 
 import torch
@@ -84,9 +83,7 @@ def _run_isa_passes(args, argv) -> int:
     for p in reversed(passes):  # best first: the machine's native path
         out = os.path.join(args.out, p)
         env = dict(os.environ, **ISA_ENVIRONMENT[p])
-        # Inductor's code cache is not keyed by ATEN_CPU_CAPABILITY: a pass reusing another pass's compiled
-        # kernels aborted (seen with torch 2.13 under forced AVX2), so each pass compiles into its own cache.
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"medattn_inductor_{p}"))
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", isa.inductor_cache_dir(p))
         print(f"\n# ISA pass {p}: {' '.join(f'{k}={v}' for k, v in ISA_ENVIRONMENT[p].items())}\n", flush=True)
         rc = subprocess.call([sys.executable, "-m", "medattn_kernels.bench", *forwarded, "--out", out], env=env)
         if rc != 0:
