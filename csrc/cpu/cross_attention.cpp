@@ -118,7 +118,7 @@ Tokens<T> tokens_out(const at::Tensor& t) {
 template <typename T>
 void pack_channel_major(const Tokens<const T>& x, int64_t bh, T* dst, int64_t ld, const T* f) {
   const T* src = x.head(bh);
-  constexpr int64_t kBlock = kTransposeBlock;
+  constexpr int64_t kBlock = kTransposeBlock;  // tokens x channels per register transpose
   if (x.s_n == 1) {
     for (int64_t c = 0; c < x.c; ++c) std::copy(src + c * x.s_c, src + c * x.s_c + x.n, dst + c * ld);
   } else if (x.s_c == 1 && x.c >= kBlock) {

@@ -4,11 +4,10 @@
 //     dst[j * ld_dst + i] = src[i * ld_src + j],  i, j < 8.
 //
 // float on the AVX2 and AVX-512 passes: eight 256-bit rows through the unpack / shuffle / lane-permute
-// network (24 shuffles per 64 values), so a pack runs at L2 speed instead of one scalar gather per value.
-// The AVX-512 pass uses the same 256-bit code: its 16 x 16 zmm network needs twice the shuffles per value
-// through Zen 4's one 512-bit shuffle pipe, and ATen's transpose_mxn<float> there (a runtime-shaped
-// version) draws -Wmaybe-uninitialized from its partial-block paths. Everything else (double, the DEFAULT
-// pass, aarch64) runs the scalar loop.
+// network (24 shuffles per 64 values) instead of one scalar gather per value. The AVX-512 pass uses the
+// same 256-bit code; a 16 x 16 zmm network was not tried, and ATen's transpose_mxn<float> there (a
+// runtime-shaped version) draws -Wmaybe-uninitialized from its partial-block paths. Everything else
+// (double, the DEFAULT pass, aarch64) runs the scalar loop.
 #pragma once
 
 #include "medattn/vec_math.h"  // CPU_CAPABILITY namespace
