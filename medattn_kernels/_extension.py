@@ -29,6 +29,8 @@ def _stale_sources() -> list[str]:
         return []
     built = os.path.getmtime(_C.__file__)
     csrc = _PACKAGE_DIR.parent / "csrc"
+    if not (csrc / "ops.cpp").is_file():  # an installed wheel (or a copy of the package): no sources beside it
+        return []
     # What _C is built from on a CPU build (csrc/tests belongs to the CMake build only).
     sources = [str(csrc / "ops.cpp"), str(csrc / "dispatch.cpp")] + glob.glob(str(csrc / "cpu" / "*.cpp")) + \
         glob.glob(str(csrc / "include" / "**" / "*.h"), recursive=True)
