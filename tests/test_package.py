@@ -62,6 +62,23 @@ def test_imports_without_extension_and_says_why():
     assert "fallback ok" in proc.stdout
 
 
+def test_stale_source_check(tmp_path, monkeypatch):
+    """The rebuild warning compares the built _C with the C++ sources beside the package (an editable
+    install); an installed wheel has none there and must import quietly, not fail on a missing file."""
+    from medattn_kernels import _extension
+    if _extension._C is None:
+        pytest.skip("the compiled extension is not built (a missing toolchain): nothing to compare against")
+    monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path / "medattn_kernels")
+    assert _extension._stale_sources() == []
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    for name in ("ops.cpp", "dispatch.cpp", "cpu/new_op.cpp"):
+        (tmp_path / "csrc" / name).write_text("// newer than _C")
+    built = os.path.getmtime(_extension._C.__file__)
+    os.utime(tmp_path / "csrc" / "ops.cpp", (built - 10, built - 10))
+    os.utime(tmp_path / "csrc" / "dispatch.cpp", (built - 10, built - 10))
+    assert _extension._stale_sources() == [os.path.join("csrc", "cpu", "new_op.cpp")]
+
+
 def test_force_reference_everywhere():
     proc = run_python("""
         import torch, medattn_kernels as mk
