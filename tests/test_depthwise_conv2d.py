@@ -30,9 +30,13 @@ CASES = [
     ((3, 2, 9, 11), (4, 6), 1, (1, 2)),         # even kernel, explicit padding, smaller output
     ((2, 2, 8, 8), (3, 3), 1, (3, 5)),          # padding beyond the kernel's reach (output grows)
     ((2, 5, 17, 40), (7, 7), 1, (0, 0)),        # "valid"
+    # Rows ending on a half-register vector (AVX-512 grouped blocks): W = 56 is 3.5 zmm of floats; W = 20
+    # is 1.25 zmm of floats and 2.5 of doubles.
+    ((1, 3, 13, 56), (7, 7), 1, None),
+    ((2, 2, 9, 20), (5, 5), 2, None),
 ]
 IDS = [f"{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in CASES]
-LOW_PRECISION_CASES = [CASES[1], CASES[4], CASES[7]]
+LOW_PRECISION_CASES = [CASES[1], CASES[4], CASES[7], CASES[12], CASES[13]]
 
 
 def run_parity(backend, shape, kernel, dilation, padding, dtype=torch.float32, layout="contiguous", bias=True,

@@ -48,6 +48,8 @@ constexpr int kVecBytes = 16;
 #endif
 typedef float vec_f32 __attribute__((vector_size(kVecBytes)));
 typedef double vec_f64 __attribute__((vector_size(kVecBytes)));
+typedef float half_f32 __attribute__((vector_size(kVecBytes / 2)));
+typedef double half_f64 __attribute__((vector_size(kVecBytes / 2)));
 typedef int32_t mask_f32 __attribute__((vector_size(kVecBytes)));
 typedef int64_t mask_f64 __attribute__((vector_size(kVecBytes)));
 
@@ -59,12 +61,14 @@ struct Simd;
 template <>
 struct Simd<float> {
   using vec = vec_f32;
+  using half = half_f32;  // half a register (a ymm in the AVX512 pass)
   using mask = mask_f32;
   static constexpr int N = kVecBytes / 4;
 };
 template <>
 struct Simd<double> {
   using vec = vec_f64;
+  using half = half_f64;
   using mask = mask_f64;
   static constexpr int N = kVecBytes / 8;
 };
@@ -87,6 +91,14 @@ inline void storeu(acc* p, typename Simd<acc>::vec v) {
 template <typename acc>
 inline typename Simd<acc>::vec splat(acc s) {
   return s - typename Simd<acc>::vec{};
+}
+
+// The low half of a register (a ymm is the low half of its zmm: no instruction).
+template <typename acc>
+MEDATTN_ALWAYS_INLINE typename Simd<acc>::half low_half(typename Simd<acc>::vec v) {
+  typename Simd<acc>::half h;
+  std::memcpy(&h, &v, sizeof(h));
+  return h;
 }
 
 template <typename acc>
@@ -274,14 +286,19 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
 // Slab row j of a group meets output rows lo..hi-1 (compile-time bounds: unrolled, branch-free).
 // Groups split KH evenly: sizes GMax and GMax - 1 only (e.g. 13 = 7 + 6), both compile-time here; the
 // accumulators must never leave registers, so no runtime-size dispatch (with_count) runs inside.
-template <typename scalar_t, typename acc, int RH, int R, int GMax>
+template <typename scalar_t, typename acc, int RH, int R, int GMax, bool Half>
 void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
                         int64_t out_stride, int64_t valid) {
   using V = typename Simd<acc>::vec;
+  using VH = typename Simd<acc>::half;
   constexpr int N = Simd<acc>::N;
-  V a[RH][R];
-  for (int rr = 0; rr < RH; ++rr)
-    for (int r = 0; r < R; ++r) a[rr][r] = splat<acc>(init);
+  constexpr int RF = Half ? R - 1 : R;  // whole vectors; with Half, one more of N / 2 lanes ends the block
+  V a[RH][RF];
+  VH ah[RH];
+  for (int rr = 0; rr < RH; ++rr) {
+    for (int r = 0; r < RF; ++r) a[rr][r] = splat<acc>(init);
+    ah[rr] = init - VH{};
+  }
   const int64_t row_step = g.dh * width;
   auto group = [&](int64_t kh0, auto G) __attribute__((always_inline)) {
     for (int64_t kw = 0; kw < g.KW; ++kw) {
@@ -289,13 +306,16 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
       static_for<G>([&](auto k) { wv[k] = splat<acc>(w[(kh0 + k) * g.KW + kw]); });
       static_for<G + RH - 1>([&](auto j) __attribute__((always_inline)) {
         const acc* row = slab + (kh0 + j) * row_step + kw * g.dw;
-        V x[R];
-        MEDATTN_UNROLL for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + r * N);
+        V x[RF];
+        MEDATTN_UNROLL for (int r = 0; r < RF; ++r) x[r] = loadu<acc>(row + r * N);
+        VH xh;
+        if constexpr (Half) std::memcpy(&xh, row + RF * N, sizeof(xh));
         constexpr int lo = j + 1 > G ? j + 1 - G : 0;
         constexpr int hi = j + 1 < RH ? j + 1 : RH;
         static_for<hi - lo>([&](auto k) {
           constexpr int rr = lo + k;
-          MEDATTN_UNROLL for (int r = 0; r < R; ++r) a[rr][r] += wv[j - rr] * x[r];
+          MEDATTN_UNROLL for (int r = 0; r < RF; ++r) a[rr][r] += wv[j - rr] * x[r];
+          if constexpr (Half) ah[rr] += low_half<acc>(wv[j - rr]) * xh;
         });
       });
     }
@@ -306,7 +326,22 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
   for (int64_t q = 0; q < big; ++q, kh0 += GMax) group(kh0, std::integral_constant<int, GMax>{});
   if constexpr (GMax > 1)
     for (int64_t q = big; q < groups; ++q, kh0 += GMax - 1) group(kh0, std::integral_constant<int, GMax - 1>{});
-  store_block<scalar_t, acc, RH, R>(a, out, out_stride, valid);
+  store_block<scalar_t, acc, RH, RF>(a, out, out_stride, valid);
+  if constexpr (Half) {
+    const int64_t n = std::min<int64_t>(N / 2, valid - RF * N);
+    for (int rr = 0; rr < RH; ++rr) {
+      scalar_t* o = out + rr * out_stride + RF * N;
+      if constexpr (std::is_same_v<scalar_t, acc>) {
+        if (n == N / 2) {
+          std::memcpy(o, &ah[rr], sizeof(VH));
+          continue;
+        }
+      }
+      acc lanes[N / 2];
+      std::memcpy(lanes, &ah[rr], sizeof(VH));
+      for (int64_t k = 0; k < n; ++k) o[k] = static_cast<scalar_t>(lanes[k]);
+    }
+  }
 }
 
 // Full AVX-512 row blocks take the grouped kernel; partial ones (and the AVX2 / DEFAULT passes, whose 16
@@ -315,10 +350,18 @@ template <typename scalar_t, typename acc, int RH, int R>
 MEDATTN_ALWAYS_INLINE void conv_block_best(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init,
                                            scalar_t* out, int64_t out_stride, int64_t valid) {
   if constexpr (kWeightGroup > 0 && RH == kRowBlock) {
+    constexpr int N = Simd<acc>::N;
     constexpr int64_t kGroup = std::max(kWeightGroup, 1);  // (this line is compiled in every pass)
     const int64_t groups = (g.KH + kGroup - 1) / kGroup;
+    // A last vector with at most N / 2 lanes to keep (W = 56: 3.5 zmm) is a half register: the 12.5% of
+    // the FMAs that a whole one would spend on dropped lanes at W = 56 are not issued.
+    const bool half = R > 1 && valid < R * N && valid - (R - 1) * N <= N / 2;
     return with_count<kWeightGroup>((g.KH + groups - 1) / groups, [&](auto GMax) {
-      conv_block_grouped<scalar_t, acc, RH, R, GMax>(slab, width, w, g, init, out, out_stride, valid);
+      if constexpr (R > 1) {
+        if (half) return conv_block_grouped<scalar_t, acc, RH, R, GMax, true>(slab, width, w, g, init, out, out_stride,
+                                                                             valid);
+      }
+      conv_block_grouped<scalar_t, acc, RH, R, GMax, false>(slab, width, w, g, init, out, out_stride, valid);
     });
   }
   conv_block<scalar_t, acc, RH, R>(slab, width, w, g, init, out, out_stride, valid);
