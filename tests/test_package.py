@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -66,16 +67,19 @@ def test_stale_source_check(tmp_path, monkeypatch):
     """The rebuild warning compares the built _C with the C++ sources beside the package (an editable
     install); an installed wheel has none there and must import quietly, not fail on a missing file."""
     from medattn_kernels import _extension
-    if _extension._C is None:
-        pytest.skip("the compiled extension is not built (a missing toolchain): nothing to compare against")
-    monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path / "medattn_kernels")
+    built_so = tmp_path / "medattn_kernels" / "_C.so"  # stands in for the built extension
+    built_so.parent.mkdir()
+    built_so.write_bytes(b"")
+    monkeypatch.setattr(_extension, "_C", types.SimpleNamespace(__file__=str(built_so)))
+    monkeypatch.setattr(_extension, "_PACKAGE_DIR", built_so.parent)
     assert _extension._stale_sources() == []
     (tmp_path / "csrc" / "cpu").mkdir(parents=True)
     for name in ("ops.cpp", "dispatch.cpp", "cpu/new_op.cpp"):
         (tmp_path / "csrc" / name).write_text("// newer than _C")
-    built = os.path.getmtime(_extension._C.__file__)
+    built = os.path.getmtime(built_so)
     os.utime(tmp_path / "csrc" / "ops.cpp", (built - 10, built - 10))
     os.utime(tmp_path / "csrc" / "dispatch.cpp", (built - 10, built - 10))
+    os.utime(tmp_path / "csrc" / "cpu" / "new_op.cpp", (built + 10, built + 10))
     assert _extension._stale_sources() == [os.path.join("csrc", "cpu", "new_op.cpp")]
 
 
