@@ -308,6 +308,22 @@ def test_network_float64_parity_and_report(key, fresh_seed):
 # (LeakyReLU's kink, whose slope the backward reads from the sign of y) decided differently by the two
 # float32 roundings changes a gradient element by O(dy), not O(eps * dy). Hence 2e-4 on losses.
 LOSS_TOLERANCE, PARAM_TOLERANCE = 2e-4, 1e-3
+# The float32 drift is chaotic, so a fixed bound alone fails now and then (seed 8 put UNETR-3d's patched
+# losses 2.9e-4 from the stock ones). The same 20 steps of the stock network in float64 are the exact run:
+# the patched network passes when it is within the bounds above of the stock float32 run, or no farther
+# from the exact run than DRIFT_FACTOR times the stock float32 run is. A wrong kernel is off by far more.
+DRIFT_FACTOR = 4.0
+
+
+def to_float64(value):
+    """A batch (dict / tuple / list of tensors and other values) with its floating tensors in float64."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: to_float64(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_float64(v) for v in value)
+    return value
 
 
 @pytest.mark.parametrize("key", SPECS)
@@ -318,22 +334,36 @@ def test_network_convergence(key, fresh_seed):
     gradients that are 0 in exact arithmetic, like a bias before a GroupNorm, into updates of size lr.)"""
     spec = SPECS[key]
     models = build_variants(spec, seed=fresh_seed)
+    models["exact"] = build_variants(spec, variants=("stock",), seed=fresh_seed, dtype=F64)["stock"]
     generator = torch.Generator().manual_seed(fresh_seed + 1)
     batches = [spec.batch(generator) for _ in range(4)]
+    batches64 = [to_float64(b) for b in batches]
     losses = {name: [] for name in models}
     for name, model in models.items():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
         for step in range(20):
-            losses[name].append(training_step(spec, model, optimizer, batches[step % len(batches)]))
+            data = batches64 if name == "exact" else batches
+            losses[name].append(training_step(spec, model, optimizer, data[step % len(data)]))
     stock_losses, patched_losses = torch.tensor(losses["stock"]), torch.tensor(losses["patched"])
-    assert bool(torch.isfinite(stock_losses).all()) and stock_losses[-5:].mean() < stock_losses[:5].mean()
-    assert rel_error(patched_losses, stock_losses) <= LOSS_TOLERANCE, (losses["stock"], losses["patched"])
+    exact_losses = torch.tensor(losses["exact"], dtype=torch.float64)
+    # Training makes progress: the last pass over the 4 batches against the first pass over the same batches
+    # (a mean over unequal mixes of batches, steps 0-4 against 15-19, did not always fall for MedNeXt-2d,
+    # whose loss moves little in 20 steps at this learning rate).
+    n = len(batches)
+    assert bool(torch.isfinite(stock_losses).all()) and stock_losses[-n:].mean() < stock_losses[:n].mean()
+
+    def close(patched, stock, exact, bound):
+        drift = rel_error(stock, exact)
+        return rel_error(patched, stock) <= bound or rel_error(patched, exact) <= DRIFT_FACTOR * drift
+
+    assert close(patched_losses, stock_losses, exact_losses, LOSS_TOLERANCE), (
+        losses["stock"], losses["patched"], losses["exact"])
     # All parameters (and BatchNorm statistics) as one vector: a parameter that is 0 in exact arithmetic
     # (a bias before a GroupNorm: 1e-18 either way) has no relative error of its own.
     for what in ("parameters", "buffers"):
         flat = [torch.cat([t.detach().double().flatten() for t in getattr(models[n], what)() if t.is_floating_point()]
-                          or [torch.zeros(0)]) for n in ("patched", "stock")]
-        assert rel_error(*flat) <= PARAM_TOLERANCE, f"{key} {what}: {rel_error(*flat):.2e}"
+                          or [torch.zeros(0)]) for n in ("patched", "stock", "exact")]
+        assert close(*flat, PARAM_TOLERANCE), f"{key} {what}: {rel_error(*flat[:2]):.2e}, exact {rel_error(*flat[1:]):.2e}"
 
 
 def test_conditioned_unet_cross_attention_and_swin_report():
