@@ -195,26 +195,29 @@ void fill_slab(acc* slab, SlabWindow& held, const scalar_t* src, int64_t src_row
   }
 }
 
-// Straight to the output: whole vectors when the types match, else (tail, bf16) lane by lane.
+// Straight to the output: the whole vector when the types match and all its lanes count, else lane by
+// lane (row tail, bf16). V is a full register or a half one (Simd<acc>::half).
+template <typename scalar_t, typename acc, typename V>
+MEDATTN_ALWAYS_INLINE void store_lanes(const V& v, scalar_t* out, int64_t n) {
+  constexpr int L = sizeof(V) / sizeof(acc);
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (n == L) {
+      std::memcpy(out, &v, sizeof(V));
+      return;
+    }
+  }
+  acc lanes[L];
+  std::memcpy(lanes, &v, sizeof(V));
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(lanes[k]);
+}
+
 template <typename scalar_t, typename acc, int RH, int R>
 MEDATTN_ALWAYS_INLINE void store_block(const typename Simd<acc>::vec (&a)[RH][R], scalar_t* out, int64_t out_stride,
                                        int64_t valid) {
   constexpr int N = Simd<acc>::N;
-  for (int rr = 0; rr < RH; ++rr) {
-    for (int r = 0; r < R; ++r) {
-      const int64_t n = std::min<int64_t>(N, valid - r * N);
-      scalar_t* o = out + rr * out_stride + r * N;
-      if constexpr (std::is_same_v<scalar_t, acc>) {
-        if (n == N) {
-          storeu<acc>(o, a[rr][r]);
-          continue;
-        }
-      }
-      acc lanes[N];
-      storeu<acc>(lanes, a[rr][r]);
-      for (int64_t k = 0; k < n; ++k) o[k] = static_cast<scalar_t>(lanes[k]);
-    }
-  }
+  for (int rr = 0; rr < RH; ++rr)
+    for (int r = 0; r < R; ++r)
+      store_lanes<scalar_t, acc>(a[rr][r], out + rr * out_stride + r * N, std::min<int64_t>(N, valid - r * N));
 }
 
 // One register block: RH output rows spaced dh apart (rows h + dh rr) x R vectors along W:
@@ -327,21 +330,9 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
   if constexpr (GMax > 1)
     for (int64_t q = big; q < groups; ++q, kh0 += GMax - 1) group(kh0, std::integral_constant<int, GMax - 1>{});
   store_block<scalar_t, acc, RH, RF>(a, out, out_stride, valid);
-  if constexpr (Half) {
-    const int64_t n = std::min<int64_t>(N / 2, valid - RF * N);
-    for (int rr = 0; rr < RH; ++rr) {
-      scalar_t* o = out + rr * out_stride + RF * N;
-      if constexpr (std::is_same_v<scalar_t, acc>) {
-        if (n == N / 2) {
-          std::memcpy(o, &ah[rr], sizeof(VH));
-          continue;
-        }
-      }
-      acc lanes[N / 2];
-      std::memcpy(lanes, &ah[rr], sizeof(VH));
-      for (int64_t k = 0; k < n; ++k) o[k] = static_cast<scalar_t>(lanes[k]);
-    }
-  }
+  if constexpr (Half)
+    for (int rr = 0; rr < RH; ++rr)
+      store_lanes<scalar_t, acc>(ah[rr], out + rr * out_stride + RF * N, std::min<int64_t>(N / 2, valid - RF * N));
 }
 
 // Full AVX-512 row blocks take the grouped kernel; partial ones (and the AVX2 / DEFAULT passes, whose 16
