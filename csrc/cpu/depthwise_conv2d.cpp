@@ -551,7 +551,7 @@ void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w,
 // ---- channels_last (NHWC) kernels: vectorised over C
 //
 // One SIMD vector holds N consecutive channels of one pixel, so every tap is a unit-stride vector FMA
-// with that tap's per-channel weight vector (taps packed as wt[kh][kw][C]). Register block ("strip"):
+// with that tap's per-channel weight vector (taps packed per C-vector as wt[k][kh][kw][N]). Register block ("strip"):
 // P output pixels of one row, dw apart, for one C-vector. A kernel row's taps go in groups of up to
 // kTapBlock whose weight vectors stay in registers; input pixel j of a group (column col + dw j, j < P + T - 1)
 // is loaded once and feeds every pixel p of the strip that meets it, through tap t = j - p:
@@ -621,20 +621,26 @@ MEDATTN_ALWAYS_INLINE void band_in_range(typename Simd<acc>::vec (&a)[A], const 
   MEDATTN_UNROLL for (int k = 0; k < K; ++k) v[k] = loadu<acc>(ops + k * ostep);
   const acc* xp = xrow + col * C;
   const int64_t step = dw * C;
+  // The input pointer advances by one step per pixel, hidden from the optimiser (empty asm): otherwise
+  // GCC gives each of the A + K - 1 unrolled loads its own precomputed offset j * step, kept in general
+  // registers, in zmm registers (vmovq) and on the stack, and reloaded around the FMAs.
   if (lo == 0 && hi == A + K - 1) {
     // Interior band (every strip but those at the map's left and right edges): no per-pixel range checks,
     // which as 22 compares and branches per band at K = 7 took a third of the forward's cycles.
     MEDATTN_UNROLL for (int j = 0; j < A + K - 1; ++j) {
-      const V x = loadu<acc>(xp + j * step);
+      const V x = loadu<acc>(xp);
+      xp += step;
+      asm("" : "+r"(xp));
       MEDATTN_UNROLL for (int i = 0; i < A; ++i) {
         if (j - i >= 0 && j - i < K) a[i] += v[j - i] * x;
       }
     }
     return;
   }
-  MEDATTN_UNROLL for (int j = 0; j < A + K - 1; ++j) {
+  MEDATTN_UNROLL for (int j = 0; j < A + K - 1; ++j, xp += step) {
+    asm("" : "+r"(xp));
     if (j < lo || j >= hi) continue;
-    const V x = loadu<acc>(xp + j * step);
+    const V x = loadu<acc>(xp);
     MEDATTN_UNROLL for (int i = 0; i < A; ++i) {
       if (j - i >= 0 && j - i < K) a[i] += v[j - i] * x;
     }
@@ -658,12 +664,13 @@ MEDATTN_ALWAYS_INLINE void taps_to_pixels(typename Simd<acc>::vec (&a)[P], const
 
 // One strip of P output pixels (dw apart) for one C-vector: every kernel row, every tap group.
 // src: the input map [rows, cols, C] at the channel offset; row0/col0: input row/column of tap (0, 0)
-// for the strip's first pixel.
+// for the strip's first pixel; wt: the C-vector's taps [KH][KW][N] (taps_by_channel).
 template <typename acc, int P, int T>
 void correlate_strip(const acc* src, int64_t rows, int64_t cols, int64_t C, int64_t row0, int64_t col0,
                      const acc* wt, const Geometry& g, const TapGroups& tg, typename Simd<acc>::vec init, acc* out,
                      int64_t out_step) {
   using V = typename Simd<acc>::vec;
+  constexpr int N = Simd<acc>::N;
   V a[P];
   MEDATTN_UNROLL for (int p = 0; p < P; ++p) a[p] = init;
   const int64_t kh_lo = row0 >= 0 ? 0 : (-row0 + g.dh - 1) / g.dh;
@@ -672,20 +679,20 @@ void correlate_strip(const acc* src, int64_t rows, int64_t cols, int64_t C, int6
     int64_t lo, hi;
     column_range(col0, g.dw, cols, P + T - 1, lo, hi);
     for (int64_t kh = kh_lo; kh < kh_hi; ++kh)
-      band_in_range<acc, P, T>(a, wt + kh * g.KW * C, C, src + (row0 + kh * g.dh) * cols * C, col0, g.dw, C, lo, hi);
+      band_in_range<acc, P, T>(a, wt + kh * g.KW * N, N, src + (row0 + kh * g.dh) * cols * C, col0, g.dw, C, lo, hi);
     MEDATTN_UNROLL for (int p = 0; p < P; ++p) storeu<acc>(out + p * out_step, a[p]);
     return;
   }
   for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
     const acc* xrow = src + (row0 + kh * g.dh) * cols * C;
-    const acc* wrow = wt + kh * g.KW * C;
+    const acc* wrow = wt + kh * g.KW * N;
     int64_t kw = 0;
     for (int64_t i = 0; i < tg.count; ++i) {
       if (i < tg.big) {
-        taps_to_pixels<acc, P, T>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * C, C);
+        taps_to_pixels<acc, P, T>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * N, N);
         kw += T;
       } else if constexpr (T > 1) {
-        taps_to_pixels<acc, P, T - 1>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * C, C);
+        taps_to_pixels<acc, P, T - 1>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * N, N);
         kw += T - 1;
       }
     }
@@ -712,10 +719,11 @@ void correlate_nhwc(const acc* src, acc* dst, const acc* wt, const acc* bias, in
       for (int64_t k = 0; k < cvecs; ++k) {
         const int64_t c = cvec_offset(k, C, N);
         const V init = bias ? loadu<acc>(bias + c) : splat<acc>(acc(0));
+        const acc* wt_k = wt + k * g.KH * g.KW * N;
         for (int64_t q = 0; q < std::min(g.dw, out_cols); ++q) {  // pixels q, q + dw, ...
           strips((out_cols - q + g.dw - 1) / g.dw, 0, [&](auto P, int64_t s) {
             const int64_t j = q + s * g.dw;
-            correlate_strip<acc, P, T>(src_b + c, src_rows, src_cols, C, row_origin + i, col_origin + j, wt + c, g,
+            correlate_strip<acc, P, T>(src_b + c, src_rows, src_cols, C, row_origin + i, col_origin + j, wt_k, g,
                                        tg, init, out_row + j * C + c, g.dw * C);
           });
         }
@@ -894,14 +902,20 @@ std::vector<acc_t<scalar_t>> taps_of(const at::Tensor& weight, bool flip) {
   return out;
 }
 
-// Kernel taps as [KH * KW][C] (one per-channel vector per tap: the NHWC kernels' weight layout).
+// Kernel taps as [C-vectors][KH * KW][N] (the NHWC kernels' weight layout): one vector per tap, the
+// C-vector's taps contiguous, so a strip's weight loads sit at compile-time offsets from one pointer
+// (with a [taps][C] layout their offsets k C took general registers that the input loads needed).
 template <typename acc>
 std::vector<acc> taps_by_channel(const at::Tensor& weight, bool flip) {
+  constexpr int N = Simd<acc>::N;
   const std::vector<acc> w = taps_of<acc>(weight.to(c10::CppTypeToScalarType<acc>::value), flip);
-  const int64_t C = weight.size(0), taps = weight.size(2) * weight.size(3);
-  std::vector<acc> out(taps * C);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < taps; ++k) out[k * C + c] = w[c * taps + k];
+  const int64_t C = weight.size(0), taps = weight.size(2) * weight.size(3), cvecs = (C + N - 1) / N;
+  std::vector<acc> out(cvecs * taps * N);
+  for (int64_t k = 0; k < cvecs; ++k) {
+    const int64_t c0 = cvec_offset(k, C, N);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int l = 0; l < N; ++l) out[(k * taps + t) * N + l] = w[(c0 + l) * taps + t];
+  }
   return out;
 }
 
