@@ -610,20 +610,29 @@ MEDATTN_ALWAYS_INLINE void strips(int64_t n, int64_t s, F&& f) {
 // and K operand vectors v[k] (ops, ostep apart) held in registers; x: one input row at the C-vector's
 // channel offset. Input pixel j (j < A + K - 1) is loaded once and feeds every a[i] with k = j - i in
 // range; pixels outside [0, cols) are skipped (zero padding).
-//   forward / grad input: a = P output pixels, v = T tap weights   (taps_to_pixels)
-//   grad weight:          a = T tap sums,      v = P grad_out pixels (pixels_to_taps)
+//   forward / grad input: a = P output pixels, v = T tap weights   (taps_to_pixels; ostep: the
+//                         compile-time N of the packed taps, an std::integral_constant)
+//   grad weight:          a = T tap sums,      v = P grad_out pixels (pixels_to_taps; ostep: dw C)
 // band_in_range: the same with the in-map pixel range [lo, hi) of column_range already known.
-template <typename acc, int A, int K>
-MEDATTN_ALWAYS_INLINE void band_in_range(typename Simd<acc>::vec (&a)[A], const acc* ops, int64_t ostep,
+// Runtime strides advance a pointer by one step per vector, hidden from the optimiser (empty asm):
+// otherwise GCC gives each of the unrolled loads its own precomputed offset j * step, kept in general
+// registers, in zmm registers (vmovq) and on the stack, and reloaded around the FMAs (the K = 7 NHWC
+// forward ran 1.2x slower so).
+template <typename acc, int A, int K, typename Step>
+MEDATTN_ALWAYS_INLINE void band_in_range(typename Simd<acc>::vec (&a)[A], const acc* ops, Step ostep,
                                          const acc* xrow, int64_t col, int64_t dw, int64_t C, int64_t lo, int64_t hi) {
   using V = typename Simd<acc>::vec;
   V v[K];
-  MEDATTN_UNROLL for (int k = 0; k < K; ++k) v[k] = loadu<acc>(ops + k * ostep);
+  if constexpr (std::is_integral_v<Step>) {
+    MEDATTN_UNROLL for (int k = 0; k < K; ++k, ops += ostep) {
+      asm("" : "+r"(ops));
+      v[k] = loadu<acc>(ops);
+    }
+  } else {
+    MEDATTN_UNROLL for (int k = 0; k < K; ++k) v[k] = loadu<acc>(ops + k * Step::value);
+  }
   const acc* xp = xrow + col * C;
   const int64_t step = dw * C;
-  // The input pointer advances by one step per pixel, hidden from the optimiser (empty asm): otherwise
-  // GCC gives each of the A + K - 1 unrolled loads its own precomputed offset j * step, kept in general
-  // registers, in zmm registers (vmovq) and on the stack, and reloaded around the FMAs.
   if (lo == 0 && hi == A + K - 1) {
     // Interior band (every strip but those at the map's left and right edges): no per-pixel range checks,
     // which as 22 compares and branches per band at K = 7 took a third of the forward's cycles.
@@ -647,19 +656,23 @@ MEDATTN_ALWAYS_INLINE void band_in_range(typename Simd<acc>::vec (&a)[A], const 
   }
 }
 
-template <typename acc, int A, int K>
-MEDATTN_ALWAYS_INLINE void band_fma(typename Simd<acc>::vec (&a)[A], const acc* ops, int64_t ostep, const acc* xrow,
+template <typename acc, int A, int K, typename Step>
+MEDATTN_ALWAYS_INLINE void band_fma(typename Simd<acc>::vec (&a)[A], const acc* ops, Step ostep, const acc* xrow,
                                     int64_t col, int64_t dw, int64_t cols, int64_t C) {
   int64_t lo, hi;
   column_range(col, dw, cols, A + K - 1, lo, hi);
   band_in_range<acc, A, K>(a, ops, ostep, xrow, col, dw, C, lo, hi);
 }
 
-// a[p] += sum_t w[t] x[col + dw (t + p)] over the T taps of one group (w: T weight vectors wstep apart).
+// The packed taps' stride (taps_by_channel: one N-vector per tap), known at compile time.
+template <typename acc>
+using TapStride = std::integral_constant<int64_t, Simd<acc>::N>;
+
+// a[p] += sum_t w[t] x[col + dw (t + p)] over the T taps of one group (w: T packed weight vectors).
 template <typename acc, int P, int T>
 MEDATTN_ALWAYS_INLINE void taps_to_pixels(typename Simd<acc>::vec (&a)[P], const acc* xrow, int64_t col, int64_t dw,
-                                          int64_t cols, int64_t C, const acc* w, int64_t wstep) {
-  band_fma<acc, P, T>(a, w, wstep, xrow, col, dw, cols, C);
+                                          int64_t cols, int64_t C, const acc* w) {
+  band_fma<acc, P, T>(a, w, TapStride<acc>{}, xrow, col, dw, cols, C);
 }
 
 // One strip of P output pixels (dw apart) for one C-vector: every kernel row, every tap group.
@@ -679,7 +692,7 @@ void correlate_strip(const acc* src, int64_t rows, int64_t cols, int64_t C, int6
     int64_t lo, hi;
     column_range(col0, g.dw, cols, P + T - 1, lo, hi);
     for (int64_t kh = kh_lo; kh < kh_hi; ++kh)
-      band_in_range<acc, P, T>(a, wt + kh * g.KW * N, N, src + (row0 + kh * g.dh) * cols * C, col0, g.dw, C, lo, hi);
+      band_in_range<acc, P, T>(a, wt + kh * g.KW * N, TapStride<acc>{}, src + (row0 + kh * g.dh) * cols * C, col0, g.dw, C, lo, hi);
     MEDATTN_UNROLL for (int p = 0; p < P; ++p) storeu<acc>(out + p * out_step, a[p]);
     return;
   }
@@ -689,10 +702,10 @@ void correlate_strip(const acc* src, int64_t rows, int64_t cols, int64_t C, int6
     int64_t kw = 0;
     for (int64_t i = 0; i < tg.count; ++i) {
       if (i < tg.big) {
-        taps_to_pixels<acc, P, T>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * N, N);
+        taps_to_pixels<acc, P, T>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * N);
         kw += T;
       } else if constexpr (T > 1) {
-        taps_to_pixels<acc, P, T - 1>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * N, N);
+        taps_to_pixels<acc, P, T - 1>(a, xrow, col0 + kw * g.dw, g.dw, cols, C, wrow + kw * N);
         kw += T - 1;
       }
     }
