@@ -7,11 +7,11 @@ from .cross_attention import (bidirectional_cross_attention, cross_attention, sd
                               sdpa_cross_attention, sdpa_tied_cross_attention, tied_cross_attention)
 from .depthwise_conv2d import depthwise_conv2d
 from .global_spatial_attention import global_spatial_attention
-from .sobel_boundary_loss import sobel_boundary_loss
+from .sobel_boundary_loss import sobel_boundary_loss, sobel_differences
 
 __all__ = [
     "activated_batch_norm",
     "cross_attention", "bidirectional_cross_attention", "tied_cross_attention",
     "sdpa_cross_attention", "sdpa_bidirectional_cross_attention", "sdpa_tied_cross_attention",
-    "global_spatial_attention", "depthwise_conv2d", "sobel_boundary_loss",
+    "global_spatial_attention", "depthwise_conv2d", "sobel_boundary_loss", "sobel_differences",
 ]

@@ -1,4 +1,4 @@
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +24,10 @@ def sobel_magnitude(u: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.sqrt(gx * gx + gy * gy + eps)
 
 
-def sobel_boundary_loss(pred: torch.Tensor, target: torch.Tensor, scales: Sequence[int] = (1, 2, 4),
-                        weights: Optional[Sequence[float]] = None, eps: float = 1e-6, from_logits: bool = False,
-                        ignore_index: Optional[int] = None, reduction: str = "mean") -> torch.Tensor:
-    """sum_s w_s * reduce | G(P_s(p)) - G(P_s(y)) |, P_s = avg_pool2d(kernel=stride=s, floor).
-
-    int64 targets [B,H,W] are one-hot encoded; pixels equal to ignore_index are zeroed in both the
-    prediction and the target before pooling (they carry no gradient and no label). A scale whose
-    pooled map is empty contributes 0. reduction "none" gives one loss per image ([B])."""
+def sobel_differences(pred: torch.Tensor, target: torch.Tensor, scales: Sequence[int] = (1, 2, 4), eps: float = 1e-6,
+                      from_logits: bool = False, ignore_index: Optional[int] = None) -> List[Optional[torch.Tensor]]:
+    """Per scale s, the signed map G(P_s(p)) - G(P_s(y)) whose |.| the loss reduces (see sobel_boundary_loss),
+    or None where the pooled map is empty."""
     p = torch.softmax(pred, dim=1) if from_logits else pred
     if target.dtype == torch.int64:
         valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
@@ -40,15 +36,32 @@ def sobel_boundary_loss(pred: torch.Tensor, target: torch.Tensor, scales: Sequen
         y, p = y * mask, p * mask
     else:
         y = target.to(p.dtype)
-    weights = [1.0] * len(scales) if weights is None else list(weights)
-    batch = p.shape[0]
-    total = p.new_zeros(batch) if reduction == "none" else p.new_zeros(())
-    for s, w in zip(scales, weights):
+    out: List[Optional[torch.Tensor]] = []
+    for s in scales:
         if p.shape[-2] // s == 0 or p.shape[-1] // s == 0:
+            out.append(None)
             continue
         ps = p if s == 1 else F.avg_pool2d(p, s, s)
         ys = y if s == 1 else F.avg_pool2d(y, s, s)
-        diff = (sobel_magnitude(ps, eps) - sobel_magnitude(ys, eps)).abs()
+        out.append(sobel_magnitude(ps, eps) - sobel_magnitude(ys, eps))
+    return out
+
+
+def sobel_boundary_loss(pred: torch.Tensor, target: torch.Tensor, scales: Sequence[int] = (1, 2, 4),
+                        weights: Optional[Sequence[float]] = None, eps: float = 1e-6, from_logits: bool = False,
+                        ignore_index: Optional[int] = None, reduction: str = "mean") -> torch.Tensor:
+    """sum_s w_s * reduce | G(P_s(p)) - G(P_s(y)) |, P_s = avg_pool2d(kernel=stride=s, floor).
+
+    int64 targets [B,H,W] are one-hot encoded; pixels equal to ignore_index are zeroed in both the
+    prediction and the target before pooling (they carry no gradient and no label). A scale whose
+    pooled map is empty contributes 0. reduction "none" gives one loss per image ([B])."""
+    weights = [1.0] * len(scales) if weights is None else list(weights)
+    batch = pred.shape[0]
+    total = pred.new_zeros(batch) if reduction == "none" else pred.new_zeros(())
+    for signed, w in zip(sobel_differences(pred, target, scales, eps, from_logits, ignore_index), weights):
+        if signed is None:
+            continue
+        diff = signed.abs()
         if reduction == "none":
             total = total + w * diff.flatten(1).mean(dim=1)
         elif reduction == "mean":
