@@ -33,6 +33,14 @@ def make_params(channels, dtype=torch.float32, device="cpu"):
     return weight, bias
 
 
+# leaky ReLU has a kink at z = 0 (z: the normalised, scaled, shifted x). A z within float32 rounding of 0
+# may land on either side of it in a float32 kernel and take the other slope for its gradient: off by
+# (1 - slope) g at that element, far beyond rounding, with a correct kernel. So where |z| (float64) is
+# within KINK_MARGIN (~40 float32 ulps of |z| <= 3) the upstream gradient is 0, and either slope gives
+# the same gradients; any tensor size works, unlike redrawing (~6e-6 of the elements are affected).
+KINK_MARGIN = 1e-5
+
+
 def check_parity(backend, shape, dtype, layout="contiguous", slope=0.01, device="cpu", low=-2.0, high=3.0):
     x = make_tensor(shape, dtype, device, layout, requires_grad=True, low=low, high=high)
     weight, bias = make_params(shape[1], dtype, device)
@@ -44,6 +52,9 @@ def check_parity(backend, shape, dtype, layout="contiguous", slope=0.01, device=
     assert_close_to_reference(mean, mean_ref, dtype, "mean")
     assert_close_to_reference(var, var_ref, dtype, "var")
     grad = torch.randn(shape, dtype=torch.float64, device=device)
+    if dtype != torch.float64:
+        z64 = reference.activated_batch_norm(*(t.detach() for t in leaves64), 1e-5, 1.0)[0]
+        grad = torch.where(z64.abs() <= KINK_MARGIN, 0.0, grad)
     grads, grads_ref = grads_of(y, [x, weight, bias], grad), grads_of(y_ref, leaves64, grad)
     floor = [0.0] * 3
     if dtype != torch.float64:
