@@ -551,10 +551,11 @@ void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w,
 // ---- channels_last (NHWC) kernels: vectorised over C
 //
 // One SIMD vector holds N consecutive channels of one pixel, so every tap is a unit-stride vector FMA
-// with that tap's per-channel weight vector (taps packed per C-vector as wt[k][kh][kw][N]). Register block ("strip"):
-// P output pixels of one row, dw apart, for one C-vector. A kernel row's taps go in groups of up to
-// kTapBlock whose weight vectors stay in registers; input pixel j of a group (column col + dw j, j < P + T - 1)
-// is loaded once and feeds every pixel p of the strip that meets it, through tap t = j - p:
+// with that tap's per-channel weight vector (taps packed per C-vector as wt[k][kh][kw][N]). Register
+// block ("strip"): P output pixels of one row, dw apart, for one C-vector. A kernel row's taps go in
+// groups of up to kTapBlock whose weight vectors stay in registers; input pixel j of a group (column
+// col + dw j, j < P + T - 1) is loaded once and feeds every pixel p of the strip that meets it, through
+// tap t = j - p:
 //     P + T - 1 input loads + T weight loads per P T FMAs (about 0.25 per FMA with AVX-512).
 // Input columns and rows outside the map are skipped: zero padding without a padded copy. Loads are
 // whole vectors; when N does not divide C the last C-vector is moved back to end at C (it overlaps
@@ -692,7 +693,8 @@ void correlate_strip(const acc* src, int64_t rows, int64_t cols, int64_t C, int6
     int64_t lo, hi;
     column_range(col0, g.dw, cols, P + T - 1, lo, hi);
     for (int64_t kh = kh_lo; kh < kh_hi; ++kh)
-      band_in_range<acc, P, T>(a, wt + kh * g.KW * N, TapStride<acc>{}, src + (row0 + kh * g.dh) * cols * C, col0, g.dw, C, lo, hi);
+      band_in_range<acc, P, T>(a, wt + kh * g.KW * N, TapStride<acc>{}, src + (row0 + kh * g.dh) * cols * C, col0,
+                               g.dw, C, lo, hi);
     MEDATTN_UNROLL for (int p = 0; p < P; ++p) storeu<acc>(out + p * out_step, a[p]);
     return;
   }
