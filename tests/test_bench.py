@@ -1,8 +1,11 @@
 """The benchmark harness's own logic (medattn_kernels/bench): interleaved timing, the best-PyTorch-path
-ratios, the speed-up chart, the training-step variants. (Speed itself is measured by benchmarks, never
+ratios, the speed-up chart, the training-step variants, the allocator setting. (Speed itself is measured by benchmarks, never
 asserted by tests.)"""
 import json
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +77,33 @@ def test_training_step_variants():
     from medattn_kernels.bench.training_step import variants
     assert list(variants("din")) == ["fused", "reference+sdpa", "reference"]
     assert list(variants("mslkseg")) == ["fused", "reference"]  # no attention: no SDPA variant
+
+
+_REFAULT_SCRIPT = """
+import resource, sys, torch
+from medattn_kernels.bench.harness import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults_of_a_fresh_64_mib_output():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 * 2 ** 20).fill_(1.0)  # allocated, written, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fresh_64_mib_output()
+print(faults_of_a_fresh_64_mib_output(), kept is not None)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory tunes glibc's malloc; this C library is not glibc")
+def test_keep_freed_memory_stops_refaulting_outputs():
+    # glibc returns a 64 MiB block to the OS on free, so the next call's output faults its 16384 pages in
+    # again; with keep_freed_memory the second call reuses the first one's pages.
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _REFAULT_SCRIPT, mode], capture_output=True, text=True, check=True)
+        faults, kept = out.stdout.split()
+        return int(faults), kept == "True"
+
+    faults_kept, kept = run("keep")
+    assert kept
+    faults_default, _ = run("default")
+    assert faults_default > 8000, faults_default  # the control: glibc's default does refault
+    assert faults_kept < 1000, faults_kept

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from . import op_modules
-from .harness import format_table, measure_machine, run_case, write_results
+from .harness import format_table, keep_freed_memory, measure_machine, run_case, write_results
 
 # Environment that makes one process behave as a CPU whose best ISA is the given pass: ATen (and so our
 # kernels and Inductor's code) via ATEN_CPU_CAPABILITY, MKL's GEMMs and oneDNN's convolutions via theirs.
@@ -122,8 +122,11 @@ def main(argv=None) -> int:
         print(f"medattn-bench: unknown op(s) {unknown}; available: {sorted(modules)}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
+    allocator = keep_freed_memory() if args.device.startswith("cpu") else None
     machine = measure_machine(args.device)
     print(machine.line())
+    if allocator:
+        print(f"allocator: {allocator}")
     print(f"torch {torch.__version__}  dtype {args.dtype}  {'quick' if args.quick else 'full'} run, candidates "
           f"interleaved, median of up to {args.reps} rounds after warm-up")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
         print(format_table(results))
         meta = {"device": machine.description, "torch": torch.__version__, "dtype": args.dtype, "quick": args.quick,
                 "threads": torch.get_num_threads(), "time": stamp, "peak_sgemm_gflops": machine.gflops,
-                "peak_copy_gbps": machine.copy_gbps,
+                "peak_copy_gbps": machine.copy_gbps, "allocator": allocator,
                 "environment": {k: os.environ[k] for k in ISA_ENVIRONMENT["avx2"] if k in os.environ}}
         paths = write_results(results, args.out, f"{name}_{args.device.split(':')[0]}_{args.dtype}", meta)
         print(f"\nwritten: {', '.join(paths)}")

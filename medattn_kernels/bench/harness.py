@@ -15,6 +15,7 @@ events, each followed by the fraction of the H100/H200 roofline time it achieves
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import math
 import os
@@ -250,6 +251,30 @@ def _derive(case: Case, results: List[Result], machine: Optional["MachinePeak"])
             elif case.bytes or case.forward_bytes:
                 r.pct_peak = 100 * r.gbps / machine.copy_gbps
                 r.fwd_pct_peak = 100 * r.fwd_gbps / machine.copy_gbps
+
+
+# --------------------------------------------------------------------------------------------- allocator
+# PyTorch's CPU tensors come straight from malloc. glibc serves a request above its mmap threshold
+# (dynamic, at most 32 MiB) with fresh pages and returns them on free, and trims the heap top once more
+# than twice that is free: so a call whose outputs are tens of MiB (a [8, 64, 112, 112] map is 25 MiB)
+# page-faults every output page again on every call. Measured on this project's VMs: ~1.5 us per 4 KiB page,
+# e.g. 19 of the 25 ms of GSA's two-map backward (5.4 ms in warm memory), and it comes or goes with the
+# heap's state, run to run. That cost is the OS's, the same absolute time for every candidate that writes
+# the same bytes; a PyTorch CPU user who tunes for speed removes it with a caching allocator (jemalloc or
+# tcmalloc, as PyTorch's CPU performance guide advises). The benchmark does the same within glibc.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_FREED_MEMORY = "glibc malloc keeps freed memory (mallopt: no mmap, no trim below 1 GiB)"
+
+
+def keep_freed_memory() -> Optional[str]:
+    """Makes glibc's malloc serve allocations below 1 GiB from its heap and keep freed memory there, so
+    that repeated calls reuse warm pages (see above). Returns what it set, or None where the C library
+    is not glibc (the allocator is then left as it is)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    return KEPT_FREED_MEMORY if ok else None
 
 
 # --------------------------------------------------------------------------------------------- machine
