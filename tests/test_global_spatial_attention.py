@@ -58,9 +58,9 @@ def test_3d_gradcheck_memory_and_mixed_layouts():
     assert saved_tensor_bytes(lambda a, b: mk.global_spatial_attention(a, b, backend="cpu"), x, y) == 0
 
 
-# Several pixel tiles per image in the CPU kernel (NCHW: ~4 MiB tiles of at least 2048 pixels, so
-# C = 256 with both maps splits 67 x 71 pixels into 3 float32 tiles (2 in bfloat16, 3 in the backward's
-# three maps), the last partial; channels_last: ~16K-value tiles).
+# Several pixel tiles per image in the CPU kernel (NCHW: ~128 KiB tiles of at least 32 pixels, so
+# C = 256 with both maps splits 67 x 71 pixels into 75 float32 tiles of 64 pixels, the last partial, each
+# thread prefetching its next tile, across images too; channels_last: ~16K-value tiles).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_several_tiles_per_image(dtype, layout):

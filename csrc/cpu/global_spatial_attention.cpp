@@ -1,9 +1,9 @@
 // Global spatial attention on CPU: out = x * sigmoid(mean_c x) (+ y * sigmoid(mean_c y)).
 //
 // Memory-bound, so the kernel's job is to touch x once from DRAM. Work is split into (batch, pixel
-// tile) items. NCHW: a tile of P pixels across all C channels (long runs per channel row, up to whole
-// images: see kTileBytes) is summed over channels with unit-stride vector loops over pixels, then the
-// same tile is re-read from cache to write the output. channels_last: each pixel's C values are
+// tile) items. NCHW: a tile of P pixels across all C channels (L2-sized, see kTileBytes) is summed over
+// channels with unit-stride vector loops over pixels, then the same tile is re-read from L2 to write the
+// output while the next tile is prefetched. channels_last: each pixel's C values are
 // contiguous, so a pixel's channel sum is a vector reduction over C (lane partials, then a fixed-order
 // horizontal sum) and its output a vector loop over C.
 // Per tile, the gates sigmoid(sum / C) are computed on vectors too (exp_nonpositive, medattn/vec_math.h:
@@ -27,6 +27,7 @@
 #include "medattn/vec_math.h"  // Vectorized, exp_nonpositive, lane_sum
 
 #include <algorithm>
+#include <initializer_list>
 #include <vector>
 
 namespace medattn {
@@ -34,15 +35,16 @@ namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
 // NCHW tile: a pixel range of every channel row, about kTileBytes of input (all inputs the pass reads),
-// with runs of at least kMinRun pixels per channel row. Long runs matter more than an L2-sized tile: a
-// tile's first pass streams C rows at once, and short runs (a few KiB) leave the hardware prefetchers
-// behind (at (8, 96, 56, 56), 448-pixel tiles ran the forward at 11 GB/s, whole images at 16-18 GB/s);
-// the second pass then re-reads the tile from L2 or L3. A whole NCHW image of a map is one contiguous
-// run, so 4 MiB keeps whole images for the two- and three-map passes of DIN's stage 1 (1.2 MiB per map):
-// fwd+bwd of x+y at (8, 96, 56, 56) ran 11-16% faster than with 2 MiB tiles (two A/B runs, Zen 4), the
-// other DIN shapes within 3%.
-constexpr int64_t kTileBytes = 4 * 1024 * 1024;
-constexpr int64_t kMinRun = 2048;
+// with runs of at least kMinRun pixels per channel row. Each tile is read twice: once from memory for
+// the channel sums, then from L2 for the output pass, while the thread's next tile is prefetched into L2
+// (NextTile). So the tile and the next one must both fit in L2 beside the sums: 2 x 128 KiB leaves room
+// in the smallest L2 of the x86 cores we target (512 KiB, Zen 2/3). Measured on a Zen 4 (1 MiB L2), fwd
+// and bwd separately, in warm memory (bench/harness.py, keep_freed_memory), two threads: with the
+// prefetch, 128 KiB tiles ran the x+y pass at (8, 64, 112, 112) at 1.7-2.0 ms forward / 2.7-3.3 ms
+// backward, 256 KiB within 10% of that and 1 MiB 15-35% slower; without it, 4 MiB tiles ran 3.2-4.0 /
+// 5.0-5.5 ms, and short runs did not cost what they had seemed to (those runs had paid page faults).
+constexpr int64_t kTileBytes = 128 * 1024;
+constexpr int64_t kMinRun = 32;
 constexpr int64_t kMaxTilePixels = 65536;  // few channels: long runs anyway, and smaller per-thread buffers
 // channels_last tile: pixels of about this many values (a pixel's C values are one contiguous run).
 constexpr int64_t kTileValuesNHWC = 16384;
@@ -131,11 +133,47 @@ inline acc pixel_sum(const acc* v, int64_t n) {
   return lane_sum(s);
 }
 
+// NCHW: the thread's next tile, fetched into L2 while this tile runs its output pass. That pass reads
+// only cache and streams its stores past it, so without this a core alternates between reading memory
+// (the channel sums) and writing it, its reads idle half the time; and the sums' short runs per channel
+// row (a few hundred bytes to a few KiB) end each hardware prefetch stream early. The fetches are spread
+// over the output loop, a line per input per step. Measured on a Zen 4, two threads, warm memory: the
+// x+y pass at (8, 64, 112, 112) 1.9-2.2 ms forward / 3.5-3.7 ms backward against 2.9-3.7 / 5.5-6.3
+// without; at (2, 32, 48, 64, 64) 2.5-3.1 / 4.2-4.7 against 3.6-4.9 / 5.9-6.6. (channels_last tiles
+// are one contiguous run, which the hardware prefetchers follow: fetching them measured within +-10%.)
+template <typename scalar_t>
+struct NextTile {
+  const scalar_t* maps[3] = {nullptr, nullptr, nullptr};  // each input at row 0 of the tile; null: none
+  int64_t HW = 0;
+  int64_t bytes = 0;  // of each channel row of the tile
+
+  NextTile() = default;  // no next tile
+  // Pixels [p0, p1) of image b of up to three inputs (null: absent).
+  NextTile(int64_t C, int64_t HW_, int64_t b, int64_t p0, int64_t p1, std::initializer_list<const scalar_t*> inputs)
+      : HW(HW_), bytes((p1 - p0) * static_cast<int64_t>(sizeof(scalar_t))) {
+    int m = 0;
+    for (const scalar_t* in : inputs) maps[m++] = in ? in + b * C * HW + p0 : nullptr;
+  }
+
+  // Fetches bytes [from, to) of channel row c of every input, a prefetch per 64-byte line from `from`
+  // on (a step narrower than a line, as on AVX2, fetches its line twice: cheaper than a branch per step).
+  // (GCC 12 dropped the prefetches altogether when the start was rounded up to a line and `to` clamped.)
+  void fetch(int64_t c, int64_t from, int64_t to) const {
+    to = std::min(to, bytes);
+    for (const scalar_t* m : maps) {
+      if (m == nullptr) continue;
+      const char* row = reinterpret_cast<const char*>(m + c * HW);
+      for (int64_t b = from; b < to; b += 64) __builtin_prefetch(row + b, 0, 2);
+    }
+  }
+};
+
 template <typename scalar_t, Layout L>
 void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, int64_t C, int64_t HW, int64_t p0,
-                  int64_t p1, TileScratch<scalar_t>& s) {
+                  int64_t p1, TileScratch<scalar_t>& s, const NextTile<scalar_t>& next) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
+  constexpr int64_t kBytes = sizeof(scalar_t);
   const int64_t P = p1 - p0;
   const acc inv_c = acc(1) / static_cast<acc>(C);
   acc* gates[2] = {s.sum0.data(), s.sum1.data()};
@@ -150,12 +188,13 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
   }
   // out = x * gate_x (+ y * gate_y): per channel row over pixels (NCHW), per pixel over channels (NHWC).
   const auto write = [&](const scalar_t* x, const scalar_t* y, scalar_t* o, int64_t n, const auto& gate_x,
-                         const auto& gate_y) {
+                         const auto& gate_y, int64_t fetch_row) {
     const acc* xv = load_run(x, n, s.in0.data());
     const acc* yv = y ? load_run(y, n, s.in1.data()) : nullptr;
     acc* ov = run_target(o, s.out.data());
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
+      next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
       Vec r = Vec::loadu(xv + j, cnt) * gate_x(j);
       if (yv) r = at::vec::fmadd(Vec::loadu(yv + j, cnt), gate_y(j), r);
       store_maybe_streaming(ov + j, r, cnt, s.stream);
@@ -168,13 +207,13 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
     const auto gate_y = [&](int64_t j) { return Vec::loadu(gates[1] + j); };
     for (int64_t c = 0; c < C; ++c) {
       const int64_t off = c * HW + p0;
-      write(inputs[0] + off, y ? y + off : nullptr, out + off, P, gate_x, gate_y);
+      write(inputs[0] + off, y ? y + off : nullptr, out + off, P, gate_x, gate_y, c);
     }
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const Vec gx(gates[0][p - p0]), gy(n_inputs > 1 ? gates[1][p - p0] : acc(0));
       write(inputs[0] + p * C, y ? y + p * C : nullptr, out + p * C, C, [&](int64_t) { return gx; },
-            [&](int64_t) { return gy; });
+            [&](int64_t) { return gy; }, 0);
     }
   }
 }
@@ -183,9 +222,10 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
 // pass forms every map's two channel sums (g is read once for both), the second writes every grad.
 template <typename scalar_t, Layout L>
 void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* const* grads, int n_inputs, int64_t C,
-                   int64_t HW, int64_t p0, int64_t p1, TileScratch<scalar_t>& s) {
+                   int64_t HW, int64_t p0, int64_t p1, TileScratch<scalar_t>& s, const NextTile<scalar_t>& next) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
+  constexpr int64_t kBytes = sizeof(scalar_t);
   const int64_t P = p1 - p0;
   const acc inv_c = acc(1) / static_cast<acc>(C);
   // per map: sum_c x, then s; sum_c g x, then (sum_c g x) s (1 - s) / C
@@ -234,12 +274,13 @@ void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* con
     }
   }
   // grad_i = g * s_i + coef_i, for every map from one read of g
-  const auto write = [&](int64_t g_off, int64_t n, const auto& s_at, const auto& coef_at) {
+  const auto write = [&](int64_t g_off, int64_t n, const auto& s_at, const auto& coef_at, int64_t fetch_row) {
     const acc* gv = load_run(g + g_off, n, s.in1.data());
     for (int i = 0; i < n_inputs; ++i) {
       acc* ov = run_target(grads[i] + g_off, s.out.data());
       for (int64_t j = 0; j < n; j += Vec::size()) {
         const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
+        if (i == 0) next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
         store_maybe_streaming(ov + j, at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(i, j), coef_at(i, j)), cnt,
                               s.stream);
       }
@@ -249,18 +290,19 @@ void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* con
   if constexpr (L == Layout::NCHW) {
     for (int64_t c = 0; c < C; ++c)
       write(c * HW + p0, P, [&](int i, int64_t j) { return Vec::loadu(gate[i] + j); },
-            [&](int i, int64_t j) { return Vec::loadu(coef[i] + j); });
+            [&](int i, int64_t j) { return Vec::loadu(coef[i] + j); }, c);
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const Vec sv[2] = {Vec(gate[0][p - p0]), Vec(n_inputs > 1 ? gate[1][p - p0] : acc(0))};
       const Vec cv[2] = {Vec(coef[0][p - p0]), Vec(n_inputs > 1 ? coef[1][p - p0] : acc(0))};
-      write(p * C, C, [&](int i, int64_t) { return sv[i]; }, [&](int i, int64_t) { return cv[i]; });
+      write(p * C, C, [&](int i, int64_t) { return sv[i]; }, [&](int i, int64_t) { return cv[i]; }, 0);
     }
   }
 }
 
-// Splits B x HW into (batch, pixel tile) items and runs `fn(scratch, b, p0, p1)` on each, in parallel,
-// with one TileScratch per thread. The call reads `inputs` maps and writes `outputs`: streamed when
+// Splits B x HW into (batch, pixel tile) items and runs `fn(scratch, b, p0, p1, bn, p0n, p1n)` on each, in
+// parallel, with one TileScratch per thread: image b's pixels [p0, p1), and the thread's next item (image
+// bn's [p0n, p1n); bn = -1 after its last). The call reads `inputs` maps and writes `outputs`: streamed when
 // that is more than a cache keeps (streaming_pays).
 template <typename scalar_t, typename Fn>
 void for_each_pixel_tile(int64_t B, int64_t C, int64_t HW, Layout layout, int inputs, int outputs, const Fn& fn) {
@@ -274,7 +316,8 @@ void for_each_pixel_tile(int64_t B, int64_t C, int64_t HW, Layout layout, int in
     TileScratch<scalar_t> scratch(tile, run, stream);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, t = item % tiles;
-      fn(scratch, b, t * tile, std::min(HW, (t + 1) * tile));
+      const int64_t bn = item + 1 < end ? (item + 1) / tiles : -1, tn = (item + 1) % tiles;
+      fn(scratch, b, t * tile, std::min(HW, (t + 1) * tile), bn, tn * tile, std::min(HW, (tn + 1) * tile));
     }
     if (stream) stream_fence();
   });
@@ -308,13 +351,16 @@ at::Tensor gsa_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int n_inputs = y.defined() ? 2 : 1;
-    for_each_pixel_tile<scalar_t>(B, C, HW, layout, n_inputs, 1, [&](auto& s, int64_t b, int64_t p0, int64_t p1) {
+    const auto tile = [&](auto& s, int64_t b, int64_t p0, int64_t p1, int64_t bn, int64_t p0n, int64_t p1n) {
       const scalar_t* inputs[2] = {xp + b * C * HW, yp ? yp + b * C * HW : nullptr};
+      const auto next = bn >= 0 && layout == Layout::NCHW ? NextTile<scalar_t>(C, HW, bn, p0n, p1n, {xp, yp})
+                                                          : NextTile<scalar_t>();
       if (layout == Layout::NCHW)
-        forward_tile<scalar_t, Layout::NCHW>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s);
+        forward_tile<scalar_t, Layout::NCHW>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s, next);
       else
-        forward_tile<scalar_t, Layout::NHWC>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s);
-    });
+        forward_tile<scalar_t, Layout::NHWC>(inputs, n_inputs, op + b * C * HW, C, HW, p0, p1, s, next);
+    };
+    for_each_pixel_tile<scalar_t>(B, C, HW, layout, n_inputs, 1, tile);
   });
   return out;
 }
@@ -341,16 +387,18 @@ std::tuple<at::Tensor, at::Tensor> gsa_backward(const at::Tensor& grad_in, const
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* gyp = y.defined() ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
     const int n_inputs = y.defined() ? 2 : 1;
-    for_each_pixel_tile<scalar_t>(B, C, HW, layout, 1 + n_inputs, n_inputs, [&](auto& s, int64_t b, int64_t p0,
-                                                                                  int64_t p1) {
+    const auto tile = [&](auto& s, int64_t b, int64_t p0, int64_t p1, int64_t bn, int64_t p0n, int64_t p1n) {
       const int64_t off = b * C * HW;
+      const auto next = bn >= 0 && layout == Layout::NCHW ? NextTile<scalar_t>(C, HW, bn, p0n, p1n, {gp, xp, yp})
+                                                          : NextTile<scalar_t>();
       const scalar_t* maps[2] = {xp + off, yp ? yp + off : nullptr};
       scalar_t* grads[2] = {gxp + off, gyp ? gyp + off : nullptr};
       if (layout == Layout::NCHW)
-        backward_tile<scalar_t, Layout::NCHW>(gp + off, maps, grads, n_inputs, C, HW, p0, p1, s);
+        backward_tile<scalar_t, Layout::NCHW>(gp + off, maps, grads, n_inputs, C, HW, p0, p1, s, next);
       else
-        backward_tile<scalar_t, Layout::NHWC>(gp + off, maps, grads, n_inputs, C, HW, p0, p1, s);
-    });
+        backward_tile<scalar_t, Layout::NHWC>(gp + off, maps, grads, n_inputs, C, HW, p0, p1, s, next);
+    };
+    for_each_pixel_tile<scalar_t>(B, C, HW, layout, 1 + n_inputs, n_inputs, tile);
   });
   return {grad_x, grad_y};
 }
