@@ -107,3 +107,21 @@ def test_keep_freed_memory_stops_refaulting_outputs():
     faults_default, _ = run("default")
     assert faults_default > 8000, faults_default  # the control: glibc's default does refault
     assert faults_kept < 1000, faults_kept
+
+
+def test_compiled_baselines_compile_in_every_case():
+    # Dynamo's cache is per code object: without a reset per case, the ninth (shape, grad mode) entry of a
+    # shared reference would run eagerly while labelled torch.compile.
+    def reference(x):
+        return x * torch.sigmoid(x.mean(1, keepdim=True))
+
+    cases = [Case(op="toy", shape=str(n), make_inputs=lambda n=n: {"x": torch.randn(2, 3, n, requires_grad=True)},
+                  candidates=[Candidate("torch.compile(reference)", harness.compiled(reference), "builtin")])
+             for n in range(5, 11)]  # 6 shapes x 2 grad modes: past the limit of 8 in one cache
+    counts = []
+    for case in cases:
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        (result,) = harness.run_case(case, "cpu", torch.float32, reps=3, budget_s=0.1)
+        assert not result.error and result.fwd_bwd_ms == result.fwd_bwd_ms
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+    assert all(c >= 1 for c in counts), counts  # every case compiled its own graphs

@@ -166,6 +166,17 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def run_case(case: Case, device: str, dtype: torch.dtype, reps: int = 7, warmup: int = 1,
              budget_s: float = 3.0, machine: Optional["MachinePeak"] = None) -> List[Result]:
+    # Dynamo caches compiled code per Python code object, across torch.compile wrappers: the cases of one
+    # op share their reference's code, and past 8 entries (shapes x grad mode) Dynamo silently ran the
+    # rest eagerly, so a "torch.compile(reference)" baseline was eager in later cases. Each case starts
+    # from an empty cache, and hitting the limit anyway is an error, reported as the baseline's failure.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        return _run_case(case, device, dtype, reps, warmup, budget_s, machine)
+
+
+def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, warmup: int, budget_s: float,
+              machine: Optional["MachinePeak"]) -> List[Result]:
     inputs = case.make_inputs()
     ref_out = None
     if case.reference64 is not None:
