@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace medattn {
 inline namespace CPU_CAPABILITY {
@@ -133,8 +134,15 @@ inline Vectorized<double> exp2_nonpositive(Vectorized<double> x) {
 // Horizontal sum / max of a vector's lanes as a pairwise tree (lane i with lane i + W/2, then W/4, ...): a fixed
 // order, so results are the same run to run, and log2(W) dependent steps instead of W - 1 (the serial chain of
 // 15 adds, ~45 cycles with AVX-512, ran once per score row and key block in the attention forward).
+// float on the AVX2 / AVX-512 passes: ATen's in-register shuffle tree (vec_reduce_all), the same pairs in the
+// same order, without the store and scalar reloads (a channels_last GSA pass sums one short vector per pixel).
 template <typename T>
 inline T lane_sum(const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>)
+    return at::vec::vec_reduce_all<float>([](const Vectorized<float>& a, const Vectorized<float>& b) { return a + b; },
+                                          v);
+#endif
   constexpr int W = Vectorized<T>::size();
   T lanes[W];
   v.store(lanes);
