@@ -23,6 +23,7 @@
 #include "medattn/acc_run.h"  // load_run, run_target, store_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/prefetch.h"  // prefetch_l2
 #include "medattn/stream_store.h"  // streaming_pays, store_maybe_streaming
 #include "medattn/vec_math.h"  // Vectorized, exp_nonpositive, lane_sum
 
@@ -157,14 +158,11 @@ struct NextTile {
 
   // Fetches bytes [from, to) of channel row c of every input, a prefetch per 64-byte line from `from`
   // on (a step narrower than a line, as on AVX2, fetches its line twice: cheaper than a branch per step).
-  // (GCC 12 dropped the prefetches altogether when the start was rounded up to a line and `to` clamped.)
   void fetch(int64_t c, int64_t from, int64_t to) const {
     to = std::min(to, bytes);
-    for (const scalar_t* m : maps) {
-      if (m == nullptr) continue;
-      const char* row = reinterpret_cast<const char*>(m + c * HW);
-      for (int64_t b = from; b < to; b += 64) __builtin_prefetch(row + b, 0, 2);
-    }
+    if (to <= from) return;
+    for (const scalar_t* m : maps)
+      if (m != nullptr) prefetch_l2(reinterpret_cast<const char*>(m + c * HW) + from, to - from);
   }
 };
 
