@@ -39,11 +39,10 @@ namespace {
 // with runs of at least kMinRun pixels per channel row. Each tile is read twice: once from memory for
 // the channel sums, then from L2 for the output pass, while the thread's next tile is prefetched into L2
 // (NextTile). So the tile and the next one must both fit in L2 beside the sums: 2 x 128 KiB leaves room
-// in the smallest L2 of the x86 cores we target (512 KiB, Zen 2/3). Measured on a Zen 4 (1 MiB L2), fwd
-// and bwd separately, in warm memory (bench/harness.py, keep_freed_memory), two threads: with the
-// prefetch, 128 KiB tiles ran the x+y pass at (8, 64, 112, 112) at 1.7-2.0 ms forward / 2.7-3.3 ms
-// backward, 256 KiB within 10% of that and 1 MiB 15-35% slower; without it, 4 MiB tiles ran 3.2-4.0 /
-// 5.0-5.5 ms, and short runs did not cost what they had seemed to (those runs had paid page faults).
+// in the smallest L2 of the x86 cores we target (512 KiB, Zen 2/3). A sweep on a Zen 4 (1 MiB L2), fwd
+// and bwd separately, in warm memory (bench/harness.py, keep_freed_memory), two threads, with the
+// prefetch: 64 KiB to 1 MiB tiles, 128 and 256 KiB best on every shape, 1 MiB 15-35% slower on the x+y
+// pass at (8, 64, 112, 112). The 4 MiB tiles before had been chosen from runs that paid page faults.
 constexpr int64_t kTileBytes = 128 * 1024;
 constexpr int64_t kMinRun = 32;
 constexpr int64_t kMaxTilePixels = 65536;  // few channels: long runs anyway, and smaller per-thread buffers
@@ -192,7 +191,7 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
     acc* ov = run_target(o, s.out.data());
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
-      next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
+      if constexpr (L == Layout::NCHW) next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
       Vec r = Vec::loadu(xv + j, cnt) * gate_x(j);
       if (yv) r = at::vec::fmadd(Vec::loadu(yv + j, cnt), gate_y(j), r);
       store_maybe_streaming(ov + j, r, cnt, s.stream);
@@ -278,7 +277,8 @@ void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* con
       acc* ov = run_target(grads[i] + g_off, s.out.data());
       for (int64_t j = 0; j < n; j += Vec::size()) {
         const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
-        if (i == 0) next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
+        if constexpr (L == Layout::NCHW)
+          if (i == 0) next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
         store_maybe_streaming(ov + j, at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(i, j), coef_at(i, j)), cnt,
                               s.stream);
       }
