@@ -88,15 +88,17 @@ def faults_of_a_fresh_64_mib_output():
     torch.empty(16 * 2 ** 20).fill_(1.0)  # allocated, written, freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faults_of_a_fresh_64_mib_output()
-print(faults_of_a_fresh_64_mib_output(), kept is not None)
+# The fewest over a few calls: glibc may still split a kept block for a small request now and then, and
+# the next big one then grows the heap (fresh pages) once.
+print(min(faults_of_a_fresh_64_mib_output() for _ in range(5)), kept is not None)
 """
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="keep_freed_memory tunes glibc's malloc; this C library is not glibc")
 def test_keep_freed_memory_stops_refaulting_outputs():
-    # glibc returns a 64 MiB block to the OS on free, so the next call's output faults its 16384 pages in
-    # again; with keep_freed_memory the second call reuses the first one's pages.
+    # glibc returns a 64 MiB block to the OS on free, so every call's output faults its 16384 pages in
+    # again; with keep_freed_memory later calls reuse the first one's pages.
     def run(mode):
         out = subprocess.run([sys.executable, "-c", _REFAULT_SCRIPT, mode], capture_output=True, text=True, check=True)
         faults, kept = out.stdout.split()
