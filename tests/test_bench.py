@@ -31,8 +31,7 @@ def test_ratios_are_against_the_fastest_pytorch_path():
     results = [_result("reference", "reference", 40.0, 100.0), _result("builtin slow", "builtin", 10.0, 80.0),
                _result("builtin fast", "builtin", 20.0, 50.0), _result("medattn cpu", "fused", 5.0, 25.0)]
     case = Case("op", "shape", dict, [], flops=1e9, forward_flops=2e8)
-    machine = harness.MachinePeak("test machine", gflops=100.0, copy_gbps=10.0)
-    harness._derive(case, results, machine)
+    harness._derive(case, results, 100.0)  # the sgemm GFLOP/s measured around the case
     fused = results[-1]
     assert fused.best_builtin == "builtin fast"
     assert fused.vs_builtin == pytest.approx(2.0)  # 50 / 25
@@ -40,6 +39,19 @@ def test_ratios_are_against_the_fastest_pytorch_path():
     assert fused.vs_reference == pytest.approx(4.0)
     assert fused.gflops == pytest.approx(40.0) and fused.pct_peak == pytest.approx(40.0)
     assert math.isnan(fused.gbps)
+
+
+def test_peak_is_measured_around_each_case():
+    """A memory-bound case's "% peak" is against the copy rate measured around that case, not the one
+    measured at the start of the run (here a made-up 1e-9 GB/s that would give absurd fractions)."""
+    case = Case("op", "shape", lambda: {"x": torch.randn(4096, requires_grad=True)},
+                [Candidate("double", lambda x: x * 2, "fused")], forward_bytes=2 * 4 * 4096, bytes=4 * 4 * 4096)
+    stale = harness.MachinePeak("test machine", gflops=1e-9, copy_gbps=1e-9)
+    (r,) = harness.run_case(case, "cpu", torch.float32, reps=3, budget_s=0.1, machine=stale)
+    assert 1.0 < r.peak < 1e4  # GB/s of a real copy on any machine
+    assert r.pct_peak == pytest.approx(100 * r.gbps / r.peak)
+    assert r.fwd_pct_peak == pytest.approx(100 * r.fwd_gbps / r.peak)
+    assert " GB/s |" in harness.format_table([r]).splitlines()[-1]
 
 
 def test_a_failing_baseline_is_reported_not_fatal():

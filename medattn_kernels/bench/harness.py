@@ -5,8 +5,10 @@ Per candidate: forward ms (under no_grad), forward+backward ms, speed-ups agains
 the *best* PyTorch path of the case (the fastest of its "builtin" and "reference" candidates: SDPA on
 contiguous inputs, F.conv2d in NCHW and channels_last, torch.compile of the reference, the eager built-ins
 and the reference itself), MiB kept for backward (saved_tensors_hooks, inputs' storages excluded), the
-relative error against the float64 reference, and the achieved rate against the machine's own peak measured in the same run (sgemm GFLOP/s
-for compute-bound cases, copy GB/s for memory-bound ones).
+relative error against the float64 reference, and the achieved rate against the machine's own peak (sgemm
+GFLOP/s for compute-bound cases, copy GB/s for memory-bound ones), measured again around each case: on
+these VMs the rates drift between minutes (a 64 MiB copy on one Zen 4: 37.7 GB/s at the start of one ISA
+pass of a run, 53.2 at the start of the next), so a peak taken once per run misstated later cases.
 
 Timing: the candidates of a case run interleaved, round-robin (A B C A B C ...), after warm-up, and each
 reports its median, so that drifts in machine load hit every candidate alike. On a GPU the times are CUDA
@@ -73,8 +75,9 @@ class Result:
     fwd_gflops: float = math.nan
     gbps: float = math.nan  # forward+backward, minimum bytes / time
     fwd_gbps: float = math.nan
-    pct_peak: float = math.nan  # fwd+bwd rate as % of the machine's sgemm GFLOP/s or copy GB/s
+    pct_peak: float = math.nan  # fwd+bwd rate as % of `peak`
     fwd_pct_peak: float = math.nan
+    peak: float = math.nan  # the machine's sgemm GFLOP/s or copy GB/s, measured around this case
     error: str = ""  # why a candidate could not run (e.g. torch.compile failed)
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -177,6 +180,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, reps: int = 7, warmup:
 
 def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, warmup: int, budget_s: float,
               machine: Optional["MachinePeak"]) -> List[Result]:
+    peak_samples = _peak_samples(case, device, machine)
     inputs = case.make_inputs()
     ref_out = None
     if case.reference64 is not None:
@@ -213,7 +217,8 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, warmup: in
         for c in runnable:
             if c.label in fwd_bwd_fns:
                 results[c.label].saved_mib = saved_tensor_bytes(lambda kw: c.fn(**kw), inputs) / 2 ** 20
-    _derive(case, list(results.values()), machine)
+    peak_samples += _peak_samples(case, device, machine)
+    _derive(case, list(results.values()), statistics.median(peak_samples) if peak_samples else None)
     if device.startswith("cuda"):
         roofline.annotate(list(results.values()), case.op, inputs, device_name(device))
     return list(results.values())
@@ -227,8 +232,22 @@ def _backward_failed(r: Result) -> bool:
     return r.error.startswith("backward:")
 
 
-def _derive(case: Case, results: List[Result], machine: Optional["MachinePeak"]) -> None:
-    """Speed-ups against the reference and the best builtin, rates and % of the machine's peak."""
+def _peak_samples(case: Case, device: str, machine: Optional["MachinePeak"]) -> List[float]:
+    """A few samples of the machine rate the case's "% peak" is relative to (none without a machine
+    peak, i.e. when the caller asked for no rates): sgemm GFLOP/s for cases with a flop count, copy GB/s
+    for those with a byte count. Taken before and after the case's rounds, not between candidates,
+    whose caches a 64 MiB copy would flush for the next one only."""
+    if machine is None:
+        return []
+    if case.flops or case.forward_flops:
+        return [gemm_gflops(device, reps=3)]
+    if case.bytes or case.forward_bytes:
+        return [copy_gbps(device, reps=3)]
+    return []
+
+
+def _derive(case: Case, results: List[Result], peak: Optional[float]) -> None:
+    """Speed-ups against the reference and the best builtin, rates and % of the machine's peak rate."""
     reference = next((r for r in results if r.kind == "reference"), None)
     # the PyTorch paths a user has: the built-ins and the pure-PyTorch reference itself
     builtins = [r for r in results if r.kind in ("builtin", "reference") and not r.error]
@@ -255,13 +274,14 @@ def _derive(case: Case, results: List[Result], machine: Optional["MachinePeak"])
             r.gbps = case.bytes / (r.fwd_bwd_ms * 1e6)
         if case.forward_bytes:
             r.fwd_gbps = case.forward_bytes / (r.fwd_ms * 1e6)
-        if machine is not None:
+        if peak is not None:
+            r.peak = peak
             if case.flops or case.forward_flops:
-                r.pct_peak = 100 * r.gflops / machine.gflops
-                r.fwd_pct_peak = 100 * r.fwd_gflops / machine.gflops
+                r.pct_peak = 100 * r.gflops / peak
+                r.fwd_pct_peak = 100 * r.fwd_gflops / peak
             elif case.bytes or case.forward_bytes:
-                r.pct_peak = 100 * r.gbps / machine.copy_gbps
-                r.fwd_pct_peak = 100 * r.fwd_gbps / machine.copy_gbps
+                r.pct_peak = 100 * r.gbps / peak
+                r.fwd_pct_peak = 100 * r.fwd_gbps / peak
 
 
 # --------------------------------------------------------------------------------------------- allocator
@@ -293,8 +313,9 @@ def keep_freed_memory() -> Optional[str]:
 # --------------------------------------------------------------------------------------------- machine
 @dataclass
 class MachinePeak:
-    """What this machine does at best, measured in the benchmark's own process: the rates the table's
-    "% peak" column is relative to."""
+    """What this machine does at best, measured in the benchmark's own process at the start of the run
+    (the header line). Each case measures the rate it is compared with again (Result.peak, the table's
+    "peak" column)."""
     description: str  # CPU model / GPU name, ISA pass, threads
     gflops: float  # fp32 GEMM (MKL sgemm on CPU, cuBLAS on GPU), 2048^3
     copy_gbps: float  # bytes read + written per second by a 64 MiB tensor copy
@@ -304,15 +325,23 @@ class MachinePeak:
                 f"copy {self.copy_gbps:.1f} GB/s (read + write)")
 
 
-def measure_machine(device: str, dtype: torch.dtype = torch.float32) -> MachinePeak:
+def gemm_gflops(device: str, reps: int = 7) -> float:
+    """fp32 GEMM rate (MKL sgemm on CPU, cuBLAS on GPU), 2048^3, median of `reps` after warm-up."""
     n = 2048
     a = torch.randn(n, n, device=device, dtype=torch.float32)
     b = torch.randn(n, n, device=device, dtype=torch.float32)
-    gemm_ms = time_ms(lambda: torch.mm(a, b), device, warmup=2, reps=7, budget_s=2.0)
-    src = torch.randn(16 * 2 ** 20, device=device)  # 64 MiB: well past the last-level cache
+    return 2.0 * n ** 3 / (time_ms(lambda: torch.mm(a, b), device, warmup=2, reps=reps, budget_s=2.0) * 1e6)
+
+
+def copy_gbps(device: str, reps: int = 11) -> float:
+    """Bytes read + written per second by a 64 MiB (well past the last-level cache) tensor copy."""
+    src = torch.randn(16 * 2 ** 20, device=device)
     dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), device, warmup=2, reps=11, budget_s=2.0)
-    return MachinePeak(device_name(device), 2.0 * n ** 3 / (gemm_ms * 1e6), 2 * src.nbytes / (copy_ms * 1e6))
+    return 2 * src.nbytes / (time_ms(lambda: dst.copy_(src), device, warmup=2, reps=reps, budget_s=2.0) * 1e6)
+
+
+def measure_machine(device: str, dtype: torch.dtype = torch.float32) -> MachinePeak:
+    return MachinePeak(device_name(device), gemm_gflops(device), copy_gbps(device))
 
 
 def device_name(device: str) -> str:
@@ -346,24 +375,31 @@ def _rate(r: Result) -> str:
     return "-"
 
 
+def _peak(r: Result) -> str:
+    if r.peak != r.peak:
+        return "-"
+    unit = "GFLOP/s" if r.gflops == r.gflops or r.fwd_gflops == r.fwd_gflops else "GB/s"
+    return f"{r.peak:.{0 if unit == 'GFLOP/s' else 1}f} {unit}"
+
+
 def format_table(results: List[Result]) -> str:
     header = ["op", "shape", "backend", "fwd ms", "fwd+bwd ms", "x ref", "x best builtin", "fwd x ref",
-              "fwd x best builtin", "MiB kept", "rel err", "rate", "% peak"]
+              "fwd x best builtin", "MiB kept", "rel err", "rate", "% peak", "peak"]
     rows = []
     for r in results:
         if _backward_failed(r):
             rows.append([r.op, r.shape, r.backend, _fmt(r.fwd_ms, ".2f"), "-", "-", "-",
                          _fmt(r.fwd_vs_reference, ".2f"), _fmt(r.fwd_vs_builtin, ".2f"), "-",
-                         _fmt(r.max_rel_err, ".1e"), "-", f"forward only: {r.error}"])
+                         _fmt(r.max_rel_err, ".1e"), "-", f"forward only: {r.error}", "-"])
             continue
         if r.error:
-            rows.append([r.op, r.shape, r.backend] + ["-"] * 9 + [f"not run: {r.error}"])
+            rows.append([r.op, r.shape, r.backend] + ["-"] * 9 + [f"not run: {r.error}", "-"])
             continue
         pct = r.pct_peak if r.pct_peak == r.pct_peak else r.fwd_pct_peak
         rows.append([r.op, r.shape, r.backend, _fmt(r.fwd_ms, ".2f"), _fmt(r.fwd_bwd_ms, ".2f"),
                      _fmt(r.vs_reference, ".2f"), _fmt(r.vs_builtin, ".2f"), _fmt(r.fwd_vs_reference, ".2f"),
                      _fmt(r.fwd_vs_builtin, ".2f"), _fmt(r.saved_mib, ".2f"), _fmt(r.max_rel_err, ".1e"),
-                     _rate(r), _fmt(pct, ".0f")])
+                     _rate(r), _fmt(pct, ".0f"), _peak(r)])
     if any("roofline_fwd_ms" in r.extra for r in results):  # GPU runs: achieved / roofline after each time
         header[4:4], header[6:6] = ["fwd % roof"], ["fwd+bwd % roof"]
         for r, row in zip(results, rows):
