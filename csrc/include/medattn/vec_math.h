@@ -82,7 +82,7 @@ inline Vectorized<double> exp_nonpositive(Vectorized<double> x) {
 // (scores pre-multiplied by log2(e), as in FlashAttention): round-to-nearest split x = n + f with
 // f = x - n in [-1/2, 1/2] exact, and a degree-6 polynomial for 2^f (relative-error fit, 1e-7 max relative
 // error in float32 arithmetic). Cheaper than exp_nonpositive (no Cody-Waite reduction): 15 vector
-// operations. Below -126 (where 2^x leaves the normal range) it returns 0; NaN gives NaN. double uses
+// operations (10 on AVX-512). Below -126 (where 2^x leaves the normal range) it returns 0; NaN gives NaN. double uses
 // std::exp2.
 inline float exp2_nonpositive(float x) {
   const bool underflow = x < -126.0f;
@@ -108,6 +108,24 @@ inline double exp2_nonpositive(double x) { return std::exp2(x); }
 
 inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
   using V = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  // AVX-512 has both ends of the split as single instructions: vrndscaleps rounds to nearest (ties to even,
+  // as the magic-number add below), vscalefps multiplies by 2^n, and its zeroing mask clears the underflow
+  // lanes: 10 operations instead of 15, the same bits. On a core with two 512-bit FMA ports (Intel) the
+  // exps share those ports with the attention's block products.
+  const __m512 xv = x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // x >= -126, or NaN
+  const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V f(_mm512_sub_ps(xv, n));
+  V p(1.5353361960e-4f);
+  p = at::vec::fmadd(p, f, V(1.3398875017e-3f));
+  p = at::vec::fmadd(p, f, V(9.6184369177e-3f));
+  p = at::vec::fmadd(p, f, V(5.5503323674e-2f));
+  p = at::vec::fmadd(p, f, V(2.4022647738e-1f));
+  p = at::vec::fmadd(p, f, V(6.9314718246e-1f));
+  p = at::vec::fmadd(p, f, V(1.0f));
+  return V(_mm512_maskz_scalef_ps(keep, p, n));
+#else
   using I = Vectorized<int32_t>;
   const V lo(-126.0f);
   const V underflow = x < lo;  // all-ones lanes; false for NaN
@@ -125,6 +143,7 @@ inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
   const I biased = at::vec::cast<int32_t>(t) - I(0x4B400000 - 127);  // n + 127 from the bits of t
   const V scale = at::vec::cast<float>(biased << I(23));
   return V::blendv(p * scale, V(0.0f), underflow);
+#endif
 }
 
 inline Vectorized<double> exp2_nonpositive(Vectorized<double> x) {
