@@ -78,12 +78,28 @@ inline Vectorized<double> exp_nonpositive(Vectorized<double> x) {
   return x.map([](double v) { return std::exp(v); });
 }
 
+// 2^f for f in [-1/2, 1/2]: the degree-6 relative-error fit (1e-7) of exp2_nonpositive, one fused multiply-add
+// per coefficient, shared by the scalar and vector versions (so a row's vector body and scalar tail agree).
+inline float fused_multiply_add(float a, float b, float c) { return std::fma(a, b, c); }
+inline Vectorized<float> fused_multiply_add(const Vectorized<float>& a, const Vectorized<float>& b,
+                                            const Vectorized<float>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+template <typename T>
+inline T exp2_fraction(const T& f) {
+  constexpr float kCoefficients[] = {1.3398875017e-3f, 9.6184369177e-3f, 5.5503323674e-2f, 2.4022647738e-1f,
+                                     6.9314718246e-1f, 1.0f};
+  T p(1.5353361960e-4f);
+  for (const float c : kCoefficients) p = fused_multiply_add(p, f, T(c));
+  return p;
+}
+
 // 2^x for x <= 0 (a rounding excess of a few ulps above 0 is fine), for softmaxes computed in base 2
 // (scores pre-multiplied by log2(e), as in FlashAttention): round-to-nearest split x = n + f with
 // f = x - n in [-1/2, 1/2] exact, and a degree-6 polynomial for 2^f (relative-error fit, 1e-7 max relative
 // error in float32 arithmetic). Cheaper than exp_nonpositive (no Cody-Waite reduction): 15 vector
-// operations (10 on AVX-512). Below -126 (where 2^x leaves the normal range) it returns 0; NaN gives NaN. double uses
-// std::exp2.
+// operations (10 on AVX-512). Below -126 (where 2^x leaves the normal range) it returns 0; NaN gives NaN.
+// double uses std::exp2.
 inline float exp2_nonpositive(float x) {
   const bool underflow = x < -126.0f;
   const float xc = underflow ? -126.0f : x;
@@ -91,13 +107,7 @@ inline float exp2_nonpositive(float x) {
   float n = t - 12582912.0f;
   const float f = xc - n;
   n = n == n ? n : 0.0f;  // NaN: any n (the polynomial of NaN is NaN); keeps the int conversion defined
-  float p = 1.5353361960e-4f;
-  p = std::fma(p, f, 1.3398875017e-3f);
-  p = std::fma(p, f, 9.6184369177e-3f);
-  p = std::fma(p, f, 5.5503323674e-2f);
-  p = std::fma(p, f, 2.4022647738e-1f);
-  p = std::fma(p, f, 6.9314718246e-1f);
-  p = std::fma(p, f, 1.0f);
+  const float p = exp2_fraction(f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 1]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -116,14 +126,7 @@ inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
   const __m512 xv = x;
   const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // x >= -126, or NaN
   const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f(_mm512_sub_ps(xv, n));
-  V p(1.5353361960e-4f);
-  p = at::vec::fmadd(p, f, V(1.3398875017e-3f));
-  p = at::vec::fmadd(p, f, V(9.6184369177e-3f));
-  p = at::vec::fmadd(p, f, V(5.5503323674e-2f));
-  p = at::vec::fmadd(p, f, V(2.4022647738e-1f));
-  p = at::vec::fmadd(p, f, V(6.9314718246e-1f));
-  p = at::vec::fmadd(p, f, V(1.0f));
+  const V p = exp2_fraction(V(_mm512_sub_ps(xv, n)));
   return V(_mm512_maskz_scalef_ps(keep, p, n));
 #else
   using I = Vectorized<int32_t>;
@@ -132,14 +135,7 @@ inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
   const V xc = V::blendv(x, lo, underflow);
   const V magic(12582912.0f);
   const V t = xc + magic;
-  const V f = xc - (t - magic);
-  V p(1.5353361960e-4f);
-  p = at::vec::fmadd(p, f, V(1.3398875017e-3f));
-  p = at::vec::fmadd(p, f, V(9.6184369177e-3f));
-  p = at::vec::fmadd(p, f, V(5.5503323674e-2f));
-  p = at::vec::fmadd(p, f, V(2.4022647738e-1f));
-  p = at::vec::fmadd(p, f, V(6.9314718246e-1f));
-  p = at::vec::fmadd(p, f, V(1.0f));
+  const V p = exp2_fraction(xc - (t - magic));
   const I biased = at::vec::cast<int32_t>(t) - I(0x4B400000 - 127);  // n + 127 from the bits of t
   const V scale = at::vec::cast<float>(biased << I(23));
   return V::blendv(p * scale, V(0.0f), underflow);
