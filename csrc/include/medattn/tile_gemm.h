@@ -131,5 +131,17 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_c
   }
 }
 
+// C = alpha A B for the first term of a sum over blocks, C += alpha A B for the others: the first term
+// stores instead of adding onto a C cleared beforehand, which saves the clearing pass (1.6% of a gated
+// self-attention fwd+bwd at N = 784, D = 64, in memset).
+template <typename T, int64_t kARowStride>
+void tile_gemm_sum(bool first, int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b,
+                   int64_t ldb, T* c, int64_t ldc) {
+  if (first)
+    tile_gemm<T, kARowStride, false>(M, N, K, alpha, a, a_col_stride, b, ldb, c, ldc);
+  else
+    tile_gemm<T, kARowStride, true>(M, N, K, alpha, a, a_col_stride, b, ldb, c, ldc);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace medattn
