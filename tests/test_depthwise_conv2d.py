@@ -110,6 +110,31 @@ def test_cpu_channels_last_matches_reference(shape, kernel, dilation, padding):
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
 
 
+# NCHW float32 with C a multiple of 16 and at least 9 x 9 taps runs, in the AVX-512 pass, through 16-channel
+# NHWC slabs (16 x 16 transposes in and out, the NHWC strip kernel between; forward and grad input). W
+# below, at and between multiples of 16 (the transposes' column blocks) and of the strip widths; rows in
+# one and in several row tiles; dilation; rectangular kernels; padding beyond the reach and "valid". On the
+# other passes (and other dtypes) these are more cases of the NCHW row kernel.
+BLOCKED_CASES = [
+    ((1, 16, 9, 5), (9, 9), 1, None),            # W below a column block and below the kernel
+    ((2, 32, 19, 16), (13, 13), 1, None),        # W one column block, slab 28 wide
+    ((1, 16, 23, 37), (11, 9), 2, None),         # dilation 2, rectangular, W a ragged 37
+    ((3, 48, 13, 56), (21, 21), 1, None),        # the networks' W = 56; 9 (b, group) planes
+    ((1, 16, 30, 33), (51, 5), 1, None),         # H < KH
+    ((2, 16, 12, 17), (10, 12), 1, (2, 7)),      # even kernel, explicit padding
+    ((1, 32, 7, 9), (9, 9), 1, (6, 6)),          # padding beyond the reach: the output grows
+    ((1, 16, 20, 24), (9, 9), 1, (0, 0)),        # "valid"
+]
+BLOCKED_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in BLOCKED_CASES]
+
+
+@pytest.mark.parametrize("shape, kernel, dilation, padding", BLOCKED_CASES, ids=BLOCKED_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_cpu_nchw_16_channel_slabs_match_reference(shape, kernel, dilation, padding, layout):
+    out, _ = run_parity("cpu", shape, kernel, dilation, padding, layout=layout, bias=layout == "contiguous")
+    assert out.is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("case", [NHWC_CASES[1], NHWC_CASES[3]], ids=[NHWC_IDS[1], NHWC_IDS[3]])
 def test_cpu_channels_last_other_dtypes(case, dtype):

@@ -21,11 +21,15 @@
 //    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
 //    (the row tiling depends on the shape only).
 //
+// AVX-512, float32, C a multiple of 16, at least 9 x 9 taps: NCHW is computed through 16-channel NHWC slabs
+// and the NHWC strip kernel (correlate_planes_blocked), whose loads are whole aligned lines.
+//
 // Layouts: NCHW is used as is; channels_last x with C >= one vector runs the native NHWC kernels below
 // (vectorised over C, no layout copy); other strided inputs (and channels_last with fewer channels) are
 // copied to NCHW first and the output converted back to channels_last when x was channels_last.
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/transpose.h"  // transpose_16x16
 
 #include <algorithm>
 #include <cstring>
@@ -776,6 +780,135 @@ void with_tap_block(int64_t KW, F&& f) {
   with_count<kTapBlock>(tap_groups(KW).T, f);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- NCHW through the NHWC strip kernel (AVX-512, float, C a multiple of 16)
+//
+// The NCHW row kernel loads its inputs at every tap offset along W, and 15 of 16 such zmm loads split a
+// cache line: in a steady loop on the Intel Xeon it ran the (8, 64, 56, 56) forward at 2.61 ms for K = 13
+// and 14.1 ms for K = 31, where the NHWC strip kernel (each load one whole, aligned line) ran the same
+// convolution on channels_last input in 2.01 and 9.1 ms. So for 16 channels at a time, a work item
+// (batch, 16 channels, row tile) transposes its input rows into a zero-padded NHWC slab (one zmm per
+// pixel; the padding is in the slab, so every band is an interior one), runs correlate_strip over the
+// slab row by row into a one-row NHWC buffer, and transposes that row back into the 16 output planes.
+// Each 16 x 16 transpose costs 64 shuffles per 256 values (on Intel they share port 5 with the FMAs), and
+// the slab's rows are transposed once per row tile that reads them. Measured with a 64 MB copy between
+// calls (as the benchmark's interleaving leaves the caches), (8, 64, 56, 56) forward, 2 threads: K = 7
+// 0.96-0.99 -> 1.01 ms (slower), K = 9 1.64-1.77 -> 1.62-1.69, K = 11 2.17-2.25 -> 1.94-2.04, K = 13
+// 2.72-2.78 -> 2.49-2.51 ms; steady loop K = 31 14.1 -> 10.7 ms. Hence from 9 x 9 taps up
+// (kBlockedMinTaps). Prefetching the next item's input rows during the compute (as correlate_planes does)
+// made it slower (K = 13: 2.64-2.69 ms).
+constexpr int64_t kBlockedMinTaps = 81;
+
+inline bool blocked_nchw_pays(int64_t C, const Geometry& g) {
+  return C % 16 == 0 && g.KH * g.KW >= kBlockedMinTaps;
+}
+
+inline float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// Rows [row0, row0 + n_rows) x columns [col0, col0 + width) of 16 planes (plane stride src_rows src_cols)
+// into slab [n_rows][width][16], zeros outside the planes. Masked loads: lanes outside the plane's columns
+// are never read (AVX-512 suppresses their faults).
+inline void fill_slab_nhwc16(float* slab, const float* planes, int64_t src_rows, int64_t src_cols, int64_t row0,
+                             int64_t n_rows, int64_t col0, int64_t width) {
+  const int64_t plane = src_rows * src_cols;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* dst = slab + r * width * 16;
+    const int64_t sr = row0 + r;
+    if (sr < 0 || sr >= src_rows) {
+      std::fill(dst, dst + width * 16, 0.f);
+      continue;
+    }
+    for (int64_t jb = 0; jb < width; jb += 16) {
+      const int64_t n = std::min<int64_t>(16, width - jb), c = col0 + jb;
+      const int64_t lo = std::clamp<int64_t>(-c, 0, n), hi = std::clamp<int64_t>(src_cols - c, lo, n);
+      const __mmask16 m = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+      __m512 v[16];
+      const float* p = planes + sr * src_cols + c;
+      for (int ch = 0; ch < 16; ++ch) v[ch] = _mm512_maskz_loadu_ps(m, p + ch * plane);
+      transpose_16x16(v);
+      for (int64_t q = 0; q < n; ++q) _mm512_store_ps(dst + (jb + q) * 16, v[q]);
+    }
+  }
+}
+
+// One NHWC row of 16 channels (orow [cols][16]) back into row `row` of 16 planes.
+inline void store_row_nchw16(const float* orow, float* planes, int64_t plane, int64_t cols) {
+  for (int64_t jb = 0; jb < cols; jb += 16) {
+    const int64_t n = std::min<int64_t>(16, cols - jb);
+    __m512 v[16];
+    for (int64_t q = 0; q < 16; ++q) v[q] = q < n ? _mm512_load_ps(orow + (jb + q) * 16) : _mm512_setzero_ps();
+    transpose_16x16(v);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    for (int ch = 0; ch < 16; ++ch) _mm512_mask_storeu_ps(planes + ch * plane + jb, m, v[ch]);
+  }
+}
+
+// correlate_planes (same arguments and result) for float with C % 16 == 0, see above.
+template <int T>
+void correlate_planes_blocked(const float* src, float* dst, const float* w, const float* bias, int64_t B, int64_t C,
+                              int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
+                              int64_t row_origin, int64_t col_origin, const Geometry& g) {
+  constexpr int N = 16;
+  static_assert(Simd<float>::N == N, "AVX-512 pass only");
+  const int64_t groups = C / N, taps = g.KH * g.KW;
+  const int64_t tile = rows_per_tile(B * groups, out_rows), tiles = (out_rows + tile - 1) / tile;
+  const int64_t width = out_cols + g.dw * (g.KW - 1);  // the output's columns plus the kernel's reach
+  const int64_t max_slab_rows = tile + g.dh * (g.KH - 1);
+  std::vector<float> wt(groups * taps * N);  // [groups][taps][16], as taps_by_channel
+  for (int64_t k = 0; k < groups; ++k)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int l = 0; l < N; ++l) wt[(k * taps + t) * N + l] = w[(k * N + l) * taps + t];
+  const TapGroups tg = tap_groups(g.KW);
+  at::parallel_for(0, B * groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf((max_slab_rows * width + out_cols + 1) * N);
+    float* slab = align64(buf.data());
+    float* orow = slab + max_slab_rows * width * N;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bk = item / tiles, k = bk % groups;
+      const int64_t r0 = (item % tiles) * tile, r1 = std::min(out_rows, r0 + tile);
+      const int64_t slab_rows = (r1 - r0) + g.dh * (g.KH - 1);
+      fill_slab_nhwc16(slab, src + bk * N * src_rows * src_cols, src_rows, src_cols, row_origin + r0, slab_rows,
+                       col_origin, width);
+      const Simd<float>::vec init = bias ? loadu<float>(bias + k * N) : splat<float>(0.f);
+      const float* wt_k = wt.data() + k * taps * N;
+      float* out_planes = dst + bk * N * out_rows * out_cols;
+      for (int64_t i = r0; i < r1; ++i) {
+        for (int64_t q = 0; q < std::min(g.dw, out_cols); ++q) {  // pixels q, q + dw, ...
+          strips((out_cols - q + g.dw - 1) / g.dw, 0, [&](auto P, int64_t s) {
+            const int64_t j = q + s * g.dw;
+            correlate_strip<float, P, T>(slab, slab_rows, width, N, i - r0, j, wt_k, g, tg, init, orow + j * N,
+                                         g.dw * N);
+          });
+        }
+        store_row_nchw16(orow, out_planes + i * out_cols, out_rows * out_cols, out_cols);
+      }
+    }
+  });
+}
+#endif  // CPU_CAPABILITY_AVX512
+
+// NCHW correlation: correlate_planes, or its blocked form where that runs faster (AVX-512, float).
+template <typename scalar_t>
+void correlate_nchw(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w, const acc_t<scalar_t>* bias,
+                    int64_t B, int64_t C, int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
+                    int64_t row_origin, int64_t col_origin, const Geometry& g) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (blocked_nchw_pays(C, g)) {
+      with_tap_block(g.KW, [&](auto T) {
+        correlate_planes_blocked<T>(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin,
+                                    col_origin, g);
+      });
+      return;
+    }
+  }
+#endif
+  correlate_planes<scalar_t>(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin,
+                             col_origin, g);
+}
+
 // grad weight, NHWC: a[t] += sum_p g[p] x[col + dw (p + t)] for one strip of P grad_out pixels (g, in
 // registers) and one tap group of T (the accumulators); input pixel j = p + t loaded once.
 template <typename acc, int P, int T>
@@ -1009,8 +1142,8 @@ at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const st
       const scalar_t* bp = bias.const_data_ptr<scalar_t>();
       b.assign(bp, bp + s.C);
     }
-    correlate_planes<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), w.data(),
-                               bias.defined() ? b.data() : nullptr, s.B, s.C, s.H, s.W, s.Ho, s.Wo, -s.ph, -s.pw, g);
+    correlate_nchw<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), w.data(),
+                             bias.defined() ? b.data() : nullptr, s.B, s.C, s.H, s.W, s.Ho, s.Wo, -s.ph, -s.pw, g);
   });
   return to_layout(out, s.channels_last);
 }
@@ -1068,9 +1201,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward(const at::Tensor& gra
     if (gx.numel() > 0) {
       MEDATTN_DISPATCH_FLOATING(x_in.scalar_type(), "depthwise_conv2d_backward_input", [&] {
         const std::vector<acc_t<scalar_t>> wf = taps_of<scalar_t>(weight, true);
-        correlate_planes<scalar_t>(gout.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), wf.data(),
-                                   nullptr, s.B, s.C, s.Ho, s.Wo, s.H, s.W, s.ph - s.dh * (s.KH - 1),
-                                   s.pw - s.dw * (s.KW - 1), g);
+        correlate_nchw<scalar_t>(gout.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), wf.data(),
+                                 nullptr, s.B, s.C, s.Ho, s.Wo, s.H, s.W, s.ph - s.dh * (s.KH - 1),
+                                 s.pw - s.dw * (s.KW - 1), g);
       });
     }
     grad_x = to_layout(gx, s.channels_last);
