@@ -115,8 +115,8 @@ inline acc hsum(typename Simd<acc>::vec v) {
 // Register blocks per ISA pass: every block's accumulators, plus the vectors it loads, fit the register
 // file (32 zmm with AVX-512; 16 ymm with AVX2, 16 xmm in the DEFAULT pass, SSE2 or NEON).
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kBlock = 4;     // forward / grad input: SIMD vectors along W (64 floats) ...
-constexpr int kRowBlock = 4;  // ... x output rows: 16 accumulators + 4 inputs + 1 weight
+constexpr int kBlock = 2;     // forward / grad input: SIMD vectors along W (32 floats) ...
+constexpr int kRowBlock = 8;  // ... x output rows: 16 accumulators + 2 inputs + 1 weight
 constexpr int kKwBlock = 2;   // grad weight: taps along W ...
 constexpr int kKhBlock = 8;   // ... x kernel rows: 16 accumulators + 2 inputs + 1 grad_out
 #else
@@ -126,7 +126,7 @@ constexpr int kKwBlock = 2;   // 2 taps x 4 kernel rows: 8 accumulators + 2 inpu
 constexpr int kKhBlock = 4;
 #endif
 // Forward / grad input on full AVX-512 row blocks: kernel rows per weight group (conv_block_grouped),
-// 16 accumulators + 4 inputs + up to 7 weights = 27 zmm. 0: the pass has no room (16 registers).
+// 16 accumulators + 2 inputs + up to 7 weights = 25 zmm. 0: the pass has no room (16 registers).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kWeightGroup = 7;
 #else
@@ -300,8 +300,11 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
 // kWeightGroup), and for each tap column kw the group's G weights are broadcast once into registers and
 // stay there while the group's G + RH - 1 slab rows stream past. Per (group, kw): (G + RH - 1) R input
 // loads + G broadcasts per G RH R FMAs; conv_block broadcasts each weight once per output row instead
-// (RH G broadcasts, each a load). At K = 7 (one group, 16 acc + 7 weights + 4 inputs = 27 zmm) that is
-// 47 loads per 112 FMAs instead of 68: the K = 7 forward ran 11-18% faster on the Zen 4 (K = 13: ~5%).
+// (RH G broadcasts, each a load). At K = 7 with 4 rows x 4 vectors (one group, 16 acc + 7 weights + 4
+// inputs = 27 zmm) that is 47 loads per 112 FMAs instead of 68: the K = 7 forward ran 11-18% faster on the
+// Zen 4 (K = 13: ~5%). With 8 rows x 2 vectors (16 acc + 7 weights + 2 inputs, 25 zmm), each input vector
+// feeds up to 8 output rows: 35 loads per 112 FMAs, most of them line-splitting; the K = 7 forward ran
+// another 6-8% faster on the Intel Xeon.
 // Slab row j of a group meets output rows lo..hi-1 (compile-time bounds: unrolled, branch-free).
 // Groups split KH evenly: sizes GMax and GMax - 1 only (e.g. 13 = 7 + 6), both compile-time here; the
 // accumulators must never leave registers, so no runtime-size dispatch (with_count) runs inside.
