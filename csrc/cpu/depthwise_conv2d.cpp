@@ -603,6 +603,22 @@ static_assert((kPixBlock & (kPixBlock - 1)) == 0, "strips() decomposes a row int
 // Channel offset of C-vector k (see above: the last one ends at C).
 inline int64_t cvec_offset(int64_t k, int64_t C, int64_t N) { return std::min<int64_t>(k * N, C - N); }
 
+// Kernel taps w [C][taps] (taps_of) as [C-vectors][taps][N] (the NHWC kernels' weight layout): one vector
+// per tap, the C-vector's taps contiguous, so a strip's weight loads sit at compile-time offsets from one
+// pointer (with a [taps][C] layout their offsets k C took general registers that the input loads needed).
+template <typename acc>
+std::vector<acc> pack_taps_by_channel(const acc* w, int64_t C, int64_t taps) {
+  constexpr int N = Simd<acc>::N;
+  const int64_t cvecs = (C + N - 1) / N;
+  std::vector<acc> out(cvecs * taps * N);
+  for (int64_t k = 0; k < cvecs; ++k) {
+    const int64_t c0 = cvec_offset(k, C, N);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int l = 0; l < N; ++l) out[(k * taps + t) * N + l] = w[(c0 + l) * taps + t];
+  }
+  return out;
+}
+
 // A kernel row's KW taps in `count` groups: the first `big` of T taps, the others of T - 1.
 struct TapGroups {
   int64_t T, big, count;
@@ -859,10 +875,7 @@ void correlate_planes_blocked(const float* src, float* dst, const float* w, cons
   const int64_t tile = rows_per_tile(B * groups, out_rows), tiles = (out_rows + tile - 1) / tile;
   const int64_t width = out_cols + g.dw * (g.KW - 1);  // the output's columns plus the kernel's reach
   const int64_t max_slab_rows = tile + g.dh * (g.KH - 1);
-  std::vector<float> wt(groups * taps * N);  // [groups][taps][16], as taps_by_channel
-  for (int64_t k = 0; k < groups; ++k)
-    for (int64_t t = 0; t < taps; ++t)
-      for (int l = 0; l < N; ++l) wt[(k * taps + t) * N + l] = w[(k * N + l) * taps + t];
+  const std::vector<float> wt = pack_taps_by_channel(w, C, taps);  // [groups][taps][16]
   const TapGroups tg = tap_groups(g.KW);
   at::parallel_for(0, B * groups * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf((max_slab_rows * width + out_cols + 1) * N);
@@ -1076,21 +1089,10 @@ std::vector<acc_t<scalar_t>> taps_of(const at::Tensor& weight, bool flip) {
   return out;
 }
 
-// Kernel taps as [C-vectors][KH * KW][N] (the NHWC kernels' weight layout): one vector per tap, the
-// C-vector's taps contiguous, so a strip's weight loads sit at compile-time offsets from one pointer
-// (with a [taps][C] layout their offsets k C took general registers that the input loads needed).
 template <typename acc>
 std::vector<acc> taps_by_channel(const at::Tensor& weight, bool flip) {
-  constexpr int N = Simd<acc>::N;
   const std::vector<acc> w = taps_of<acc>(weight.to(c10::CppTypeToScalarType<acc>::value), flip);
-  const int64_t C = weight.size(0), taps = weight.size(2) * weight.size(3), cvecs = (C + N - 1) / N;
-  std::vector<acc> out(cvecs * taps * N);
-  for (int64_t k = 0; k < cvecs; ++k) {
-    const int64_t c0 = cvec_offset(k, C, N);
-    for (int64_t t = 0; t < taps; ++t)
-      for (int l = 0; l < N; ++l) out[(k * taps + t) * N + l] = w[(c0 + l) * taps + t];
-  }
-  return out;
+  return pack_taps_by_channel(w.data(), weight.size(0), weight.size(2) * weight.size(3));
 }
 
 // channels_last x runs the NHWC kernels when C fills at least one vector (C >= N); with fewer channels
