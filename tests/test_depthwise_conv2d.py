@@ -112,8 +112,8 @@ def test_cpu_channels_last_matches_reference(shape, kernel, dilation, padding):
 
 # NCHW float32 with C a multiple of 16 and at least 9 x 9 taps runs, in the AVX-512 pass, through 16-channel
 # NHWC slabs (16 x 16 transposes in and out, the NHWC strip kernel between; forward and grad input). W
-# below, at and between multiples of 16 (the transposes' column blocks) and of the strip widths; rows in
-# one and in several row tiles; dilation; rectangular kernels; padding beyond the reach and "valid". On the
+# below, at and between multiples of 16 (the transposes' column blocks) and of the strip widths; row tiles of
+# 1 and 2 rows and whole planes; dilation; rectangular kernels; padding beyond the reach and "valid". On the
 # other passes (and other dtypes) these are more cases of the NCHW row kernel.
 BLOCKED_CASES = [
     ((1, 16, 9, 5), (9, 9), 1, None),            # W below a column block and below the kernel
@@ -124,6 +124,7 @@ BLOCKED_CASES = [
     ((2, 16, 12, 17), (10, 12), 1, (2, 7)),      # even kernel, explicit padding
     ((1, 32, 7, 9), (9, 9), 1, (6, 6)),          # padding beyond the reach: the output grows
     ((1, 16, 20, 24), (9, 9), 1, (0, 0)),        # "valid"
+    ((4, 256, 11, 20), (9, 9), 1, None),         # 64 (b, group) planes: one row tile per plane
 ]
 BLOCKED_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in BLOCKED_CASES]
 
