@@ -192,9 +192,18 @@ def test_extreme_logits():
     tolerance. In float32 the scores themselves carry ~|S| 2^-24 absolute error (1 ulp of 1e4 is 1e-3),
     which exp turns into relative error of the probabilities in any float32 implementation (the float32
     reference included), so there the bound is that conditioning: 4 * 2^-24 * max |S|."""
-    ca_parity("cpu", (37, 53, 24, 24), torch.float64, True, scale=100.0)  # |S| up to 100 * 24 * 4 ~ 1e4
-    tied_parity("cpu", (37, 53, 24, 24, 8), torch.float64, scale=100.0)
-    bi_parity("cpu", (37, 53, 24, 24, 8), torch.float64, scale=100.0)
+    # 53 keys: maxima in a pass over the rows; 272: taken by the score product (see test_nan_propagates)
+    for nk in (53, 272):
+        ca_parity("cpu", (37, nk, 24, 24), torch.float64, True, scale=100.0)  # |S| up to 100 * 24 * 4 ~ 1e4
+        tied_parity("cpu", (37, nk, 24, 24, 8), torch.float64, scale=100.0)
+        bi_parity("cpu", (37, nk, 24, 24, 8), torch.float64, scale=100.0)
+        # every score far below zero: a row max that counted anything but the scores (a zero) would underflow
+        # every exp
+        q, k = tokens(1, 2, 37, 24, torch.float64, low=1.0, high=2.0), tokens(1, 2, nk, 24, torch.float64, low=-2.0,
+                                                                                high=-1.0)
+        v = tokens(1, 2, nk, 8, torch.float64)
+        assert_close_to_reference(mk.cross_attention(q, k, v, 100.0, backend="cpu"),
+                                  reference.cross_attention(q, k, v, 100.0), torch.float64, "negative scores")
     inputs = tied_inputs((37, 53, 24, 24, 8), torch.float32)
     inputs64 = as_float64_leaves(inputs)
     outs = mk.tied_cross_attention(*inputs, 100.0, backend="cpu")
@@ -223,13 +232,19 @@ def test_n_equals_one_and_empty_batch():
     assert o_a.shape == (0, 2, 5, 8)
 
 
-def test_nan_propagates():
-    q, k, v = tokens(1, 1, 6, 8), tokens(1, 1, 7, 8), tokens(1, 1, 7, 8)
+# 7 keys: a key block with padding columns (row maxima in a pass over the scores); 272 = 256 + 16: whole-vector
+# blocks, whose row maxima the score product takes as it stores them (medattn/tile_gemm.h, RowMax).
+@pytest.mark.parametrize("nk", [7, 272])
+def test_nan_propagates(nk):
+    q, k, v = tokens(1, 1, 6, 8), tokens(1, 1, nk, 8), tokens(1, 1, nk, 8)
     with torch.no_grad():
         q[0, 0, 2, 3] = float("nan")
     out = mk.cross_attention(q, k, v, backend="cpu")
     ref = reference.cross_attention(q, k, v)
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[0, 0, 2]).all()
+    finite = torch.arange(6) != 2  # the other rows' maxima must ignore nothing and match
+    assert_close_to_reference(out[:, :, finite], reference.cross_attention(*as_float64_leaves([q, k, v]))[:, :, finite],
+                              torch.float32, "finite rows")
 
 
 def test_gradcheck_float64():

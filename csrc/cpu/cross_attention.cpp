@@ -384,13 +384,13 @@ T row_max(const T* __restrict x, int64_t n) {
   for (; c + kChains * W <= n; c += kChains * W)
     for (int k = 0; k < kChains; ++k) {
       const V v = V::loadu(x + c + k * W);
-      mv[k] = V::blendv(mv[k], v, v > mv[k]);
+      mv[k] = max_ignoring_nan(mv[k], v);
     }
   for (; c + W <= n; c += W) {
     const V v = V::loadu(x + c);
-    mv[0] = V::blendv(mv[0], v, v > mv[0]);
+    mv[0] = max_ignoring_nan(mv[0], v);
   }
-  for (int k = 1; k < kChains; ++k) mv[0] = V::blendv(mv[0], mv[k], mv[k] > mv[0]);
+  for (int k = 1; k < kChains; ++k) mv[0] = max_ignoring_nan(mv[0], mv[k]);
   T m = lane_max(mv[0]);
   for (; c < n; ++c) m = x[c] > m ? x[c] : m;
   return m;
@@ -442,12 +442,15 @@ struct RowState {
 };
 
 // Folds one block of scores [nr, nc] (row stride kLd; overwritten by exp(s - new max)) and its values
-// v [nc, dvp] into the row state: rescale l and acc by exp(old max - new max), then acc += P v.
+// v [nc, dvp] into the row state: rescale l and acc by exp(old max - new max), then acc += P v. The rows'
+// maxima come from lane_maxima ([nr, kVec] per-row lane maxima, tile_gemm's RowMax) when given, else
+// from a pass over the row.
 template <typename T, int64_t kLd>
-void online_softmax_update(T* scores, int64_t nr, int64_t nc, const T* v, int64_t dvp, RowState<T>& st) {
+void online_softmax_update(T* scores, int64_t nr, int64_t nc, const T* v, int64_t dvp, RowState<T>& st,
+                           const T* lane_maxima) {
   for (int64_t r = 0; r < nr; ++r) {
     T* row = scores + r * kLd;
-    const T mx = row_max(row, nc);
+    const T mx = lane_maxima != nullptr ? lane_max(Vectorized<T>::loadu(lane_maxima + r * kVec<T>)) : row_max(row, nc);
     const T m_new = mx > st.m[r] ? mx : st.m[r];
     const T alpha = rescale_factor(st.m[r], m_new);
     // one rounding (fma), pinned so that results do not depend on inlining
@@ -562,9 +565,32 @@ at::Tensor pack_attention(std::vector<Attention<T>>& problems, bool backward, co
   return packs.run(options);
 }
 
+// Scores [nr, ncp] = score_scale A B of one key block (A: nr rows of a channel-major pack, B: nc keys of
+// one, d channels). Returns the rows' lane maxima ([nr, kVec], tile_gemm's RowMax, taken as the product
+// stores its tiles) when the block has no padding columns (their zero scores must not count), else null:
+// online_softmax_update then takes the maxima in a pass over the rows. The fused maxima save that pass over
+// the 136 KiB score block, which lives in L2. Measured with the row-max fix of max_ignoring_nan (Intel
+// Xeon, AVX-512, 2 threads, forward alone, alternating builds): gated self-attention N = 784, D = 64
+// 5.12-5.39 -> 4.85-4.92 ms, bidirectional N = 3136, D = 96 55.6-56.0 -> 54.6-55.2 ms, D = 32 on the AVX2
+// pass 35.8-36.0 -> 34.1-34.5 ms.
+template <typename T, int64_t kLd>
+const T* score_block(int64_t nr, int64_t nc, int64_t d, T score_scale, const T* a, const T* b, T* scores,
+                     std::vector<T>& lane_maxima) {
+  const int64_t ncp = vec_ceil<T>(nc);
+  if (nc != ncp) {
+    tile_gemm<T, 1, false>(nr, ncp, d, score_scale, a, kTokenLd<T>, b, kTokenLd<T>, scores, kLd);
+    return nullptr;
+  }
+  std::fill(lane_maxima.begin(), lane_maxima.begin() + nr * kVec<T>, -std::numeric_limits<T>::infinity());
+  tile_gemm<T, 1, false, true>(nr, ncp, d, score_scale, a, kTokenLd<T>, b, kTokenLd<T>, scores, kLd,
+                               lane_maxima.data());
+  return lane_maxima.data();
+}
+
 // Forward of query rows [i0, i0 + kFwdRows) of head bh.
 template <typename T>
-void forward_rows(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>& scores, RowState<T>& st) {
+void forward_rows(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>& scores, std::vector<T>& lane_maxima,
+                  RowState<T>& st) {
   const int64_t nr = std::min(kFwdRows, p.nq - i0);
   const T* qt = token_block(p.qt + bh * p.d * p.ld_q, p.d, i0);
   const T* kt = p.kt + bh * p.d * p.ld_k;
@@ -572,9 +598,9 @@ void forward_rows(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>&
   st.start(nr, p.dvp);
   for (int64_t j0 = 0; j0 < p.nk; j0 += kFwdKeys) {
     const int64_t nc = std::min(kFwdKeys, p.nk - j0);
-    tile_gemm<T, 1, false>(nr, vec_ceil<T>(nc), p.d, p.score_scale, qt, kTokenLd<T>, token_block(kt, p.d, j0),
-                           kTokenLd<T>, scores.data(), kFwdLd<T>);
-    online_softmax_update<T, kFwdLd<T>>(scores.data(), nr, nc, vr + j0 * p.dvp, p.dvp, st);
+    const T* maxima = score_block<T, kFwdLd<T>>(nr, nc, p.d, p.score_scale, qt, token_block(kt, p.d, j0),
+                                                scores.data(), lane_maxima);
+    online_softmax_update<T, kFwdLd<T>>(scores.data(), nr, nc, vr + j0 * p.dvp, p.dvp, st, maxima);
   }
   const T* gate = p.gate != nullptr ? p.gate + bh * p.nq + i0 : nullptr;
   online_softmax_finish(st, nr, p.dvp, gate, p.out, bh, i0, p.lse + bh * p.nq + i0);
@@ -591,14 +617,14 @@ void forward_all(std::vector<Attention<T>>& problems, const at::TensorOptions& o
     max_dvp = std::max(max_dvp, p.dvp);
   }
   at::parallel_for(0, first_item.back(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kFwdRows * kFwdLd<T>);
+    std::vector<T> scores(kFwdRows * kFwdLd<T>), lane_maxima(kFwdRows * kVec<T>);
     RowState<T> st(kFwdRows, max_dvp);
     for (int64_t item = begin; item < end; ++item) {
       size_t pi = 0;
       while (item >= first_item[pi + 1]) ++pi;
       const Attention<T>& p = problems[pi];
       const int64_t local = item - first_item[pi], nqb = blocks(p.nq, kFwdRows);
-      forward_rows(p, local / nqb, (local % nqb) * kFwdRows, scores, st);
+      forward_rows(p, local / nqb, (local % nqb) * kFwdRows, scores, lane_maxima, st);
     }
   });
 }
@@ -731,7 +757,7 @@ void column_max(T* __restrict bm, const T* __restrict row, int64_t n) {
   int64_t c = 0;
   for (; c + W <= n; c += W) {
     const V v = V::loadu(row + c), m = V::loadu(bm + c);
-    V::blendv(m, v, v > m).store(bm + c);
+    max_ignoring_nan(m, v).store(bm + c);
   }
   for (; c < n; ++c) bm[c] = row[c] > bm[c] ? row[c] : bm[c];
 }
@@ -773,7 +799,8 @@ void tied_grad_row(T* __restrict s, T* __restrict pc, T* __restrict dpr, const T
 
 template <typename T>
 void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vector<T>& scores,
-                         std::vector<T>& col_probs, RowState<T>& st, std::vector<T>& col_block_max) {
+                         std::vector<T>& col_probs, RowState<T>& st, std::vector<T>& col_block_max,
+                         std::vector<T>& lane_maxima) {
   constexpr int64_t kLd = kFwdLd<T>;
   const auto [b0, b1] = stripe_blocks(p.na, kFwdRows, stripe, p.stripes);
   const int64_t state = stripe * p.bh_count + bh;
@@ -794,8 +821,8 @@ void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vect
       const int64_t nc = std::min(kFwdKeys, p.nb - j0);
       T* s = scores.data();
       T* pc = col_probs.data();
-      tile_gemm<T, 1, false>(nr, vec_ceil<T>(nc), p.d, p.score_scale, rat, kTokenLd<T>, token_block(rbt, p.d, j0),
-                             kTokenLd<T>, s, kLd);
+      const T* row_maxima = score_block<T, kLd>(nr, nc, p.d, p.score_scale, rat, token_block(rbt, p.d, j0), s,
+                                                lane_maxima);
       // column direction: new maxima, rescale the columns' state, exp against the column maxima
       T* bm = col_block_max.data();
       std::copy(cmax + j0, cmax + j0 + nc, bm);
@@ -816,7 +843,7 @@ void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vect
       }
       tile_gemm<T, 1, true>(nc, p.dvap, nr, T(1), pc, kLd, var, p.dvap, cacc + j0 * p.dvap, p.dvap);
       // row direction: the ordinary online softmax
-      online_softmax_update<T, kLd>(s, nr, nc, vbr + j0 * p.dvbp, p.dvbp, st);
+      online_softmax_update<T, kLd>(s, nr, nc, vbr + j0 * p.dvbp, p.dvbp, st, row_maxima);
     }
     online_softmax_finish(st, nr, p.dvbp, static_cast<const T*>(nullptr), p.oa, bh, i0, p.lse_row + bh * p.na + i0);
   }
@@ -858,10 +885,11 @@ void tied_forward_all(Tied<T>& p, const at::TensorOptions& options) {
   p.col_sum = p.col_max + states * p.nb;
   p.col_acc = p.col_sum + states * p.nb;
   at::parallel_for(0, states, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kFwdRows * kFwdLd<T>), col_probs(kFwdRows * kFwdLd<T>), col_block_max(kFwdKeys);
+    std::vector<T> scores(kFwdRows * kFwdLd<T>), col_probs(kFwdRows * kFwdLd<T>), col_block_max(kFwdKeys),
+        lane_maxima(kFwdRows * kVec<T>);
     RowState<T> st(kFwdRows, p.dvbp);
     for (int64_t item = begin; item < end; ++item)
-      tied_forward_stripe(p, item / p.stripes, item % p.stripes, scores, col_probs, st, col_block_max);
+      tied_forward_stripe(p, item / p.stripes, item % p.stripes, scores, col_probs, st, col_block_max, lane_maxima);
   });
   constexpr int64_t kCols = 64;
   const int64_t col_tiles = blocks(p.nb, kCols);

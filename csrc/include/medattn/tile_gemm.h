@@ -17,6 +17,12 @@
 // Register tile: MR rows x NV vectors of accumulators, MR * NV <= kAccumulators (24 of the 32 zmm
 // registers on AVX-512, 12 of the 16 ymm on AVX2, leaving room for the NV B vectors and a broadcast).
 // The k loop is innermost and runs in order, so results do not depend on threads or on M, N tiling.
+//
+// RowMax (stores only): the tiles also fold their stored rows into per-row lane maxima, row_max[i * W ..
+// (i + 1) * W) (W = Vectorized<T>::size(); the caller fills them with -inf first), NaN-ignoring as
+// medattn/vec_math.h's row maxima (a lane takes x only where x > max). The attention forward's softmax needs
+// each score row's maximum: taken from the accumulators as they are stored, it saves a pass that reads the
+// whole score block back from L2.
 #pragma once
 
 #include "medattn/vec_math.h"  // Vectorized
@@ -45,9 +51,10 @@ constexpr int tile_rows() {
   return std::min(16, kTileAccumulators / NV);
 }
 
-template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate>
+template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
 inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t a_col_stride, const T* __restrict b,
-                             int64_t ldb, T* __restrict c, int64_t ldc) {
+                             int64_t ldb, T* __restrict c, int64_t ldc, T* __restrict row_max) {
+  static_assert(!(Accumulate && RowMax), "row maxima are of stored products, not of sums onto C");
   using V = Vectorized<T>;
   constexpr int W = V::size();
   V acc[MR][NV];
@@ -74,11 +81,22 @@ inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t 
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       T* out = c + i * ldc + j * W;
-      if constexpr (Accumulate)
+      if constexpr (Accumulate) {
         at::vec::fmadd(acc[i][j], alpha_v, V::loadu(out)).store(out);
-      else
-        (acc[i][j] * alpha_v).store(out);
+      } else {
+        acc[i][j] = acc[i][j] * alpha_v;
+        acc[i][j].store(out);
+      }
     }
+  if constexpr (RowMax) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      V m = V::loadu(row_max + i * W);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) m = max_ignoring_nan(m, acc[i][j]);
+      m.store(row_max + i * W);
+    }
+  }
 }
 
 // The largest power of two below n (n >= 2).
@@ -88,36 +106,42 @@ constexpr int power_of_two_below(int n) { return n <= 2 ? 1 : 2 * power_of_two_b
 // in tiles of power-of-two heights below MR, so that each is covered by at most one tile per height:
 // after 6-row tiles, a 128-row block's last 2 rows take one 2-row tile, not two 1-row tiles (a 1-row tile
 // issues a load per FMA; 1.8% of a gated self-attention fwd+bwd at N = 784, D = 64 went there).
-template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate>
+template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
 inline void gemm_panel(int64_t M, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb, T* c,
-                       int64_t ldc) {
+                       int64_t ldc, T* row_max) {
+  constexpr int64_t W = Vectorized<T>::size();
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
-    gemm_microkernel<T, MR, NV, kARowStride, Accumulate>(K, alpha, a + i * kARowStride, a_col_stride, b, ldb,
-                                                         c + i * ldc, ldc);
+    gemm_microkernel<T, MR, NV, kARowStride, Accumulate, RowMax>(K, alpha, a + i * kARowStride, a_col_stride, b, ldb,
+                                                                 c + i * ldc, ldc, row_max + (RowMax ? i * W : 0));
   if constexpr (MR > 1) {
     constexpr int kHalf = power_of_two_below(MR);
     if (i < M)
-      gemm_panel<T, kHalf, NV, kARowStride, Accumulate>(M - i, K, alpha, a + i * kARowStride, a_col_stride, b, ldb,
-                                                        c + i * ldc, ldc);
+      gemm_panel<T, kHalf, NV, kARowStride, Accumulate, RowMax>(M - i, K, alpha, a + i * kARowStride, a_col_stride, b,
+                                                                ldb, c + i * ldc, ldc, row_max + (RowMax ? i * W : 0));
   }
 }
 
-template <typename T, int NV, int64_t kARowStride, bool Accumulate>
+template <typename T, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
 inline void gemm_panel_nv(int64_t M, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
-                          T* c, int64_t ldc) {
-  gemm_panel<T, tile_rows<NV>(), NV, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, b, ldb, c, ldc);
+                          T* c, int64_t ldc, T* row_max) {
+  gemm_panel<T, tile_rows<NV>(), NV, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, b, ldb, c, ldc,
+                                                                      row_max);
 }
 
-// C[M, N] = alpha A B (+ C): see the top of the file. N must be a multiple of Vectorized<T>::size().
-template <typename T, int64_t kARowStride, bool Accumulate>
+// C[M, N] = alpha A B (+ C): see the top of the file. N must be a multiple of Vectorized<T>::size(). With
+// RowMax, row_max[M * W] (filled with -inf by the caller) takes each row's lane maxima of C.
+template <typename T, int64_t kARowStride, bool Accumulate, bool RowMax = false>
 void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
-               T* c, int64_t ldc) {
+               T* c, int64_t ldc, T* row_max = nullptr) {
   constexpr int64_t W = Vectorized<T>::size();
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // an empty sum
-    if constexpr (!Accumulate)
+    if constexpr (!Accumulate) {
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, T(0));
+      if constexpr (RowMax)
+        for (int64_t e = 0; e < M * W; ++e) row_max[e] = row_max[e] < T(0) ? T(0) : row_max[e];
+    }
     return;
   }
   for (int64_t n0 = 0; n0 < N; n0 += kTileMaxVectors * W) {
@@ -125,11 +149,19 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_c
     const T* bp = b + n0;
     T* cp = c + n0;
     switch (nv) {
-      case 1: gemm_panel_nv<T, 1, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
+      case 1:
+        gemm_panel_nv<T, 1, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        break;
 #if !defined(CPU_CAPABILITY_DEFAULT)
-      case 2: gemm_panel_nv<T, 2, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
-      case 3: gemm_panel_nv<T, 3, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
-      case 4: gemm_panel_nv<T, 4, kARowStride, Accumulate>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc); break;
+      case 2:
+        gemm_panel_nv<T, 2, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        break;
+      case 3:
+        gemm_panel_nv<T, 3, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        break;
+      case 4:
+        gemm_panel_nv<T, 4, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        break;
 #endif
       default: break;
     }

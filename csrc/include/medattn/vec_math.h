@@ -1,7 +1,8 @@
 // Vector math shared by the CPU kernels (softmaxes: cross attention, the boundary loss), compiled per ISA
 // pass (medattn/dispatch.h): at::vec::Vectorized<T> is a 16-float zmm register in the AVX512 pass, an
 // 8-float ymm register in the AVX2 pass, and a portable array (SSE2 on x86-64, NEON on aarch64) in the
-// DEFAULT pass. No intrinsics here: the same source is every pass's.
+// DEFAULT pass. The same source is every pass's; intrinsics appear only where an ISA has a single
+// instruction for what the portable code spells in several (exp2_nonpositive, max_ignoring_nan).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -144,6 +145,30 @@ inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
 
 inline Vectorized<double> exp2_nonpositive(Vectorized<double> x) {
   return x.map([](double v) { return std::exp2(v); });
+}
+
+// Lane-wise max(m, x) ignoring a NaN x: x where x > m, else m (m itself must not be NaN: the callers' maxima
+// start at -inf and only ever take such x). One vmaxps / vmaxpd on AVX2 and AVX-512, which return their
+// second operand unless the first is greater (so also when either is NaN, and m for a pair of zeros, as
+// the compare does); the portable compare-and-blend compiles to four instructions on AVX-512 (the
+// compare's mask is widened to a vector and narrowed back), which made a score row's max pass 4 ops per
+// vector.
+template <typename T>
+inline Vectorized<T> max_ignoring_nan(const Vectorized<T>& m, const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>)
+    return _mm512_max_ps(x, m);
+  else if constexpr (std::is_same_v<T, double>)
+    return _mm512_max_pd(x, m);
+  else
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_max_ps(x, m);
+  else if constexpr (std::is_same_v<T, double>)
+    return _mm256_max_pd(x, m);
+  else
+#endif
+    return Vectorized<T>::blendv(m, x, x > m);
 }
 
 // Horizontal sum / max of a vector's lanes as a pairwise tree (lane i with lane i + W/2, then W/4, ...): a fixed
