@@ -121,6 +121,22 @@ def test_cpu_tied(shape, dtype):
     tied_parity("cpu", shape, dtype, common_scale=degenerate_softmax(shape, dtype, tied=True))
 
 
+# The CPU backward accumulates dQ, and with one stripe of query blocks per (batch, head) also dK and dV,
+# straight into the gradients when they are dense [B, H, N, D] with D a whole number of vectors (64, 48 on
+# both vector passes): one (batch, head) on 2 threads runs 2 stripes (dK, dV in buffers, dQ in place),
+# 2 x 3 run 1 (all in place); D = 40 keeps every buffer. Bidirectional runs two problems in one backward.
+@pytest.mark.parametrize("bh", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("shape", [(300, 272, 64, 48), (300, 272, 40, 40)])
+def test_cpu_backward_in_place_and_in_stripes(bh, shape):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ca_parity("cpu", shape, torch.float32, True, b=bh[0], h=bh[1])
+        bi_parity("cpu", shape[:3] + (shape[3], shape[3]), torch.float32, b=bh[0], h=bh[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_noncontiguous_and_explicit_scale():
     ca_parity("cpu", (37, 53, 48, 40), torch.float32, True, layout="noncontiguous", scale=0.3)
     bi_parity("cpu", (37, 53, 24, 24, 40), torch.float32, layout="noncontiguous", scale=0.3)
