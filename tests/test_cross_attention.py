@@ -246,6 +246,12 @@ def test_n_equals_one_and_empty_batch():
     assert o_a.shape == (0, 2, 5, 8) and o_b.shape == (0, 2, 5, 8)
     o_a, o_b = mk.bidirectional_cross_attention(q, q, q, q, q, q, backend="cpu")
     assert o_a.shape == (0, 2, 5, 8)
+    # no keys: softmax over an empty set, an empty sum: zero outputs and gradients (the kernels' output
+    # accumulators are otherwise first written by the first key block)
+    q, k, v = tokens(2, 3, 37, 16), tokens(2, 3, 0, 16), tokens(2, 3, 0, 8)
+    out = mk.cross_attention(q, k, v, backend="cpu")
+    out.backward(torch.randn_like(out))
+    assert out.shape == (2, 3, 37, 8) and not out.any() and not q.grad.any()
 
 
 # 7 keys: a key block with padding columns (row maxima in a pass over the scores); 272 = 256 + 16: whole-vector
