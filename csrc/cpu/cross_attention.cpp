@@ -143,6 +143,24 @@ Tokens<T> tokens_out(const at::Tensor& t) {
   return {t.mutable_data_ptr<T>(), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// n zeros at p: the padding after each row of a pack, mostly a vector or less, written as (partial) vector
+// stores without a loop; std::fill (and any zeroing loop, which GCC turns into one) called libc's memset
+// once per row, 10^4 calls per gated self-attention backward at N = 784, D = 64: 0.5% of its time in
+// memset's call and setup.
+template <typename T>
+void zero_padding(T* p, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  if (n > 2 * W) {  // a short last token block: long runs, few of them
+    std::fill(p, p + n, T(0));
+    return;
+  }
+  const V zero(T(0));
+  if (n >= W) zero.store(p), p += W, n -= W;
+  if (n >= W) zero.store(p), p += W, n -= W;
+  if (n > 0) zero.store(p, static_cast<int>(n));
+}
+
 // Channel-major pack of the tokens of x (one token block, see kTokenBlock) of one head:
 // dst[c * ld + i] = x[i, c] * f[i] (f = 1 when null) for i < n, zeros for i in [n, ld).
 //
@@ -176,7 +194,7 @@ void pack_channel_major(const Tokens<const T>& x, int64_t bh, T* dst, int64_t ld
   if (f != nullptr)
     for (int64_t c = 0; c < x.c; ++c)
       for (int64_t i = 0; i < x.n; ++i) dst[c * ld + i] *= f[i];
-  for (int64_t c = 0; c < x.c; ++c) std::fill(dst + c * ld + x.n, dst + (c + 1) * ld, T(0));
+  for (int64_t c = 0; c < x.c; ++c) zero_padding(dst + c * ld + x.n, ld - x.n);
 }
 
 // Token-major pack of one head: dst[i * ld + c] = x[i, c] * f[i] for c < C, zeros for c in [C, ld).
@@ -196,7 +214,8 @@ void pack_token_major(const Tokens<const T>& x, int64_t bh, T* dst, int64_t ld, 
         for (int64_t i = i0; i < i1; ++i) dst[i * ld + c] = src[i * x.s_n + c * x.s_c] * (f != nullptr ? f[i] : T(1));
     }
   }
-  for (int64_t i = 0; i < x.n; ++i) std::fill(dst + i * ld + x.c, dst + (i + 1) * ld, T(0));
+  if (ld > x.c)
+    for (int64_t i = 0; i < x.n; ++i) zero_padding(dst + i * ld + x.c, ld - x.c);
 }
 
 // One packing of one tensor for every head: per_head elements per (batch, head) at dst + bh * per_head.
