@@ -28,7 +28,7 @@ from torch import nn
 
 from ..patch import patch
 from ..testing import saved_tensor_bytes
-from ..train import time_and_peak
+from ..train import time_and_peak, use_threads
 from .harness import Candidate, Case, device_name, format_table, run_case
 from .training_step import interleaved_times
 
@@ -162,7 +162,7 @@ def _isolated_peak(queue, spec: NetworkSpec, variant: str, device: str, threads:
     """Child process: one training step of a freshly built variant; the rise of peak memory over the
     memory held before the step."""
     try:
-        torch.set_num_threads(threads)
+        use_threads(threads)
         model = build_variants(spec, ("stock", variant) if variant != "stock" else ("stock",), seed, device)[variant]
         batch = spec.batch(torch.Generator().manual_seed(seed + 1), device=device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
