@@ -86,6 +86,16 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32, device
     return t.requires_grad_(requires_grad)
 
 
+def unit_width_channels_last(batch: int, channels: int, height: int, dtype: torch.dtype = torch.float32,
+                             device="cpu") -> torch.Tensor:
+    """A fresh [batch, channels, height, 1] map that PyTorch counts as channels_last with stride 1 on its
+    size-1 W (as `unsqueeze(-1)` of a channels-innermost [B, C, L] gives): PyTorch leaves a size-1 dim's
+    stride arbitrary, so kernels must not read the pixel stride from W there."""
+    x = make_tensor((batch, height, channels), dtype, device).transpose(1, 2).unsqueeze(-1)
+    assert x.stride(3) == 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return x
+
+
 def as_float64_leaves(tensors: Iterable[Optional[torch.Tensor]]):
     """Detached float64 copies (same requires_grad) for running the reference as the oracle."""
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]

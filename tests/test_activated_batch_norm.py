@@ -8,7 +8,8 @@ import medattn_kernels as mk
 from medattn_kernels import reference
 from medattn_kernels.ops.activated_batch_norm import signed_weight_plan
 from medattn_kernels.testing import (as_float64_leaves, assert_close_to_reference, grads_of, make_tensor,
-                                     rel_error, saved_tensor_bytes, sum_tolerance, tolerance)
+                                     rel_error, saved_tensor_bytes, sum_tolerance, tolerance,
+                                     unit_width_channels_last)
 
 from conftest import triton_device
 
@@ -101,9 +102,9 @@ def test_cpu_1d_and_3d_maps(shape, dtype, layout):
 
 
 def test_channels_last_with_unit_width():
-    # PyTorch keeps any stride for a size-1 W and still calls the tensor channels_last; the kernels read
-    # the pixel stride from stride(3), so the public op hands them [B, C, 1, H * W] (regression: the C++
-    # kernel read such a [3, 5, 9, 1] map with pixel stride 1 instead of 5).
+    # PyTorch keeps any stride for a size-1 W and still calls the tensor channels_last; the public op hands
+    # the kernels [B, C, 1, H * W] (regression: an earlier C++ kernel read such a [3, 5, 9, 1] map with pixel
+    # stride 1 instead of 5; direct kernel calls on such maps: test_unit_width_channels_last_map).
     x = torch.randn(3, 5, 9, 1).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     assert x.stride(3) == 1 and x.is_contiguous(memory_format=torch.channels_last)
     weight, bias = make_params(5)
@@ -328,6 +329,29 @@ def test_triton_matches_reference(shape, layout):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_low_precision(dtype):
     check_parity("triton", (2, 8, 9, 7), dtype, device=triton_device())
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_unit_width_channels_last_map(backend):
+    # Direct kernel calls: the public op hands the kernels [B, C, 1, P] maps. The Triton launchers took W's
+    # stride as the pixel stride here (map_strides) and read garbage; the CPU kernel reads the data dense.
+    device = "cpu" if backend == "cpu" else triton_device()
+    x = unit_width_channels_last(3, 6, 40, torch.float64, device)
+    weight, bias = (p.detach() for p in make_params(6, torch.float64, device))
+    if backend == "cpu":
+        forward = lambda *a: torch.ops.medattn.activated_batch_norm(*a)
+        backward = lambda *a: torch.ops.medattn.activated_batch_norm_backward(*a)
+    else:
+        from medattn_kernels.triton.activated_batch_norm import backward, forward
+    y, mean, var = forward(x, weight, bias, 1e-5, 0.1)
+    leaves = as_float64_leaves([x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()])
+    y_ref, mean_ref, var_ref = reference.activated_batch_norm(*leaves, 1e-5, 0.1)
+    for out, ref in ((y, y_ref), (mean, mean_ref), (var, var_ref)):
+        assert_close_to_reference(out, ref, torch.float64)
+    grad = unit_width_channels_last(3, 6, 40, torch.float64, device)
+    grads = backward(grad, y, weight.detach(), bias.detach(), var, 1e-5, 0.1, [True, True, True])
+    for g, g_ref in zip(grads, grads_of(y_ref, leaves, grad)):
+        assert_close_to_reference(g, g_ref, torch.float64)
 
 
 @pytest.mark.triton

@@ -6,7 +6,7 @@ import torch
 import medattn_kernels as mk
 from medattn_kernels import reference
 from medattn_kernels.testing import (as_float64_leaves, assert_close_to_reference, grads_of, make_tensor,
-                                     saved_tensor_bytes)
+                                     saved_tensor_bytes, unit_width_channels_last)
 
 from conftest import triton_device
 
@@ -205,6 +205,25 @@ def test_float16_default_falls_back_to_reference_on_cpu():
 @pytest.mark.parametrize("two_inputs", [False, True])
 def test_triton_matches_reference(shape, layout, two_inputs):
     check_parity("triton", shape, torch.float32, layout, two_inputs, device=triton_device())
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_unit_width_channels_last_map(backend):
+    # Direct kernel calls (the public op hands the kernels [B, C, 1, P] maps): the Triton launchers took W's
+    # stride as the pixel stride of such a map (map_strides) and read garbage; the CPU kernel reads it dense.
+    device = "cpu" if backend == "cpu" else triton_device()
+    x, y = (unit_width_channels_last(3, 6, 40, torch.float32, device) for _ in range(2))
+    if backend == "cpu":
+        forward, backward = torch.ops.medattn.global_spatial_attention, \
+            torch.ops.medattn.global_spatial_attention_backward
+    else:
+        from medattn_kernels.triton.global_spatial_attention import backward, forward
+    leaves = as_float64_leaves([x.requires_grad_(), y.requires_grad_()])
+    out_ref = reference.global_spatial_attention(*leaves)
+    assert_close_to_reference(forward(x.detach(), y.detach()), out_ref, torch.float32)
+    grad = unit_width_channels_last(3, 6, 40, torch.float32, device)
+    for g, g_ref in zip(backward(grad, x.detach(), y.detach()), grads_of(out_ref, leaves, grad.double())):
+        assert_close_to_reference(g, g_ref, torch.float32)
 
 
 @pytest.mark.triton

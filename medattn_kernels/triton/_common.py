@@ -33,8 +33,13 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def map_strides(x: torch.Tensor):
     """(stride_b, stride_c, stride_p) of a [B, C, H, W] tensor that is NCHW- or channels_last-
-    contiguous, with p = h * W + w the flattened pixel index (mergeable in both layouts)."""
-    return x.stride(0), x.stride(1), x.stride(3)
+    contiguous, with p = h * W + w the flattened pixel index (mergeable in both layouts).
+
+    PyTorch leaves the stride of a size-1 dim arbitrary: a [B, C, H, 1] map counts as channels_last
+    whatever W's stride is (1 after unsqueeze(-1) of a channels-innermost [B, C, L]), so with W = 1 the
+    pixel stride is H's. Taking W's there read every pixel of such a map C times too close together (and
+    past its end)."""
+    return x.stride(0), x.stride(1), x.stride(3) if x.size(3) > 1 else x.stride(2)
 
 
 @dataclass(frozen=True)
