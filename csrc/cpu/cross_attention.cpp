@@ -11,9 +11,9 @@
 // shapes a BLAS call spends a large share of its time packing operands and scaling C (measured: MKL's
 // sgemm at K = 16 reaches ~75% of the microkernel's rate on a Zen 4, ~90% at K = 96). Instead every
 // operand is packed ONCE per (batch, head) into the layout the microkernel reads: B operands row-major with
-// whole padded vectors (K^T and V^T over keys, V, K, Q and dO over channels), A operands "column-major"
-// (Q^T, dO^T: the MR broadcasts of a k step are adjacent floats) or a block buffer with a compile-time
-// leading dimension. Packing also reads any strides, so the strided token views a U-Net produces
+// whole padded vectors (K^T and V^T over keys, V, K, Q and dO over channels), A operands token-major (Q,
+// dO: rows with a runtime stride, read in place when dense) or a block buffer with a compile-time leading
+// dimension; the tied op's A operands (r_a^T, r_b^T) are channel-major. Packing also reads any strides, so the strided token views a U-Net produces
 // ([B, C, H, W] seen as [B, heads, H*W, d]) cost nothing extra, and bfloat16 is converted once on entry.
 // Leading dimensions are padded off multiples of 128 bytes (padded_ld): a k step reads one vector from
 // each of K rows of a block, and power-of-two strides put them in a few L1 sets (measured: -25% on AVX2).
@@ -85,12 +85,12 @@ constexpr int64_t kFwdLd = padded_ld<T>(kFwdKeys);
 template <typename T>
 constexpr int64_t kBwdLd = padded_ld<T>(kBwdKeys);
 
-// Channel-major packs (q^T, k^T, v^T, dO^T: the operands whose k steps walk channels) are stored in blocks
+// Channel-major packs (k^T and v^T, the B operands of S and dP; the tied op's r^T and v^T) are stored in blocks
 // of kTokenBlock tokens, each block [channels, kTokenLd] with its channels' rows kTokenLd apart. With one
 // row per channel over all N tokens, a micro tile's k steps read one vector from each of d rows N floats
 // apart, a 4 KiB page per k step for the A and for the B operand: 192 pages per tile at d = 96, well
 // past the first-level TLB, and a working set of pages past the second level at N = 12544 (9.6 MB of k^T
-// and v per head). Blocked, a key block's k^T is one 100 KiB run and a query block's q^T one 25 KiB run.
+// and v per head). Blocked, a key block's k^T is one 100 KiB run and a query block's r^T one 25 KiB run.
 // Measured on the Zen 4, bidirectional attention at N = 12544, D = 96 (old / new layout, alternating
 // processes): forward -6 to -10% in the AVX2 pass (it had fallen to 0.90x of 2x SDPA there), -2% with
 // AVX-512; fwd+bwd -2% (AVX-512); N = 3136 fwd+bwd -5% (AVX2), -1% (AVX-512).
@@ -532,23 +532,25 @@ inline int64_t stripe_count(int64_t items, int64_t query_blocks) {
 
 // ------------------------------------------------------------------------------------------ one direction
 // out = softmax(scale q k^T) v (* sigmoid(gate)) over all (batch, head) pairs; stats (lse, delta) are
-// [BH, Nq] contiguous. Packed operands per head (pack_attention), where [c, ld_q] / [c, ld_k] are the
-// channel-major packs in token blocks (kTokenBlock, channel_major_extent) and dp / dvp padded channel
-// counts:
-//   qt  q^T [d, ld_q]  (A of S = Q K^T)            kt  k^T [d, ld_k]  (B of S)
-//   vr  v [nk, dvp]    (B of P V; forward)         vt  v^T [dv, ld_k] (B of dP = dO V^T)
-//   qr  q [nq, dp]     (B of dK += dS^T Q)         kr  k [nk, dp]     (B of dQ += dS K)
-//   gt  g^T [dv, ld_q] (A of dP)                   gr  g [nq, dvp]    (B of dV += P^T g)
-// with g = dO * sigmoid(gate) (the softmax's output gradient).
+// [BH, Nq] contiguous. Packed operands per head (pack_attention), where [c, ld_k] are the channel-major
+// packs in token blocks (kTokenBlock, channel_major_extent) and dp / dvp padded channel counts:
+//   qr  q [nq, dp]     (A of S = Q K^T, B of dK += dS^T Q)     kt  k^T [d, ld_k]  (B of S)
+//   vr  v [nk, dvp]    (B of P V; forward)                     vt  v^T [dv, ld_k] (B of dP = dO V^T)
+//   gr  g [nq, dvp]    (A of dP, B of dV += P^T g)             kr  k [nk, dp]     (B of dQ += dS K)
+// with g = dO * sigmoid(gate) (the softmax's output gradient). The A operands of S and dP are read
+// token-major, with a runtime row stride (tile_gemm's kAnyRowStride): their rows sit in L1 for a
+// microkernel's whole k loop either way, and so q (when dense: in place) and g need no transposed packs.
+// Measured against q^T / g^T packs (Intel Xeon, 2 threads, alternating builds, forward alone): gated
+// self-attention N = 784, D = 64 5.32-5.37 -> 5.12-5.20 ms (AVX512), 8.43-8.66 -> 8.37-8.46 ms (AVX2 pass);
+// bidirectional N = 3136, D = 96 59.7-60.5 -> 57.3-58.8 ms; D = 64 on the AVX2 pass unchanged.
 template <typename T>
 struct Attention {
   Tokens<const T> q, k, v;
   const T* gate = nullptr;  // [BH, nq] or null
   int64_t bh_count = 0, nq = 0, nk = 0, d = 0, dv = 0;
   T scale = 1, score_scale = 1;  // score_scale = scale log2(e): scores are kept in base 2
-  int64_t ld_q = 0, ld_k = 0, dp = 0, dvp = 0;
-  const T *qt = nullptr, *kt = nullptr, *vr = nullptr, *vt = nullptr, *qr = nullptr, *kr = nullptr, *gt = nullptr,
-          *gr = nullptr;
+  int64_t ld_k = 0, dp = 0, dvp = 0;
+  const T *kt = nullptr, *vr = nullptr, *vt = nullptr, *qr = nullptr, *kr = nullptr, *gr = nullptr;
   // forward outputs
   Tokens<T> out;
   T* lse = nullptr;
@@ -575,7 +577,6 @@ Attention<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.dv = v.size(3);
   p.scale = static_cast<T>(scale);
   p.score_scale = static_cast<T>(scale * kLog2e<double>);
-  p.ld_q = channel_major_extent<T>(p.nq);
   p.ld_k = channel_major_extent<T>(p.nk);
   p.dp = vec_ceil<T>(p.d);
   p.dvp = vec_ceil<T>(p.dv);
@@ -591,16 +592,14 @@ at::Tensor pack_attention(std::vector<Attention<T>>& problems, bool backward, co
   OperandPacks<T> packs(problems.empty() ? 0 : problems[0].bh_count);
   for (size_t i = 0; i < problems.size(); ++i) {
     auto& p = problems[i];
-    packs.channel_major(p.q, p.ld_q, p.qt);
+    packs.token_major(p.q, p.dp, p.qr);
     packs.channel_major(p.k, p.ld_k, p.kt);
     if (!backward) {
       packs.token_major(p.v, p.dvp, p.vr);
       continue;
     }
     packs.channel_major(p.v, p.ld_k, p.vt);
-    packs.token_major(p.q, p.dp, p.qr);
     packs.token_major(p.k, p.dp, p.kr);
-    packs.channel_major(p.grad_out, p.ld_q, p.gt, factors[i]);
     packs.token_major(p.grad_out, p.dvp, p.gr, factors[i]);
   }
   return packs.run(options);
@@ -614,17 +613,18 @@ at::Tensor pack_attention(std::vector<Attention<T>>& problems, bool backward, co
 // Xeon, AVX-512, 2 threads, forward alone, alternating builds): gated self-attention N = 784, D = 64
 // 5.12-5.39 -> 4.85-4.92 ms, bidirectional N = 3136, D = 96 55.6-56.0 -> 54.6-55.2 ms, D = 32 on the AVX2
 // pass 35.8-36.0 -> 34.1-34.5 ms.
-template <typename T, int64_t kLd>
-const T* score_block(int64_t nr, int64_t nc, int64_t d, T score_scale, const T* a, const T* b, T* scores,
-                     std::vector<T>& lane_maxima) {
+template <typename T, int64_t kLd, int64_t kARowStride>
+const T* score_block(int64_t nr, int64_t nc, int64_t d, T score_scale, const T* a, int64_t a_row_stride,
+                     int64_t a_col_stride, const T* b, T* scores, std::vector<T>& lane_maxima) {
   const int64_t ncp = vec_ceil<T>(nc);
   if (nc != ncp) {
-    tile_gemm<T, 1, false>(nr, ncp, d, score_scale, a, kTokenLd<T>, b, kTokenLd<T>, scores, kLd);
+    tile_gemm<T, kARowStride, false>(nr, ncp, d, score_scale, a, a_col_stride, b, kTokenLd<T>, scores, kLd, nullptr,
+                                     a_row_stride);
     return nullptr;
   }
   std::fill(lane_maxima.begin(), lane_maxima.begin() + nr * kVec<T>, -std::numeric_limits<T>::infinity());
-  tile_gemm<T, 1, false, true>(nr, ncp, d, score_scale, a, kTokenLd<T>, b, kTokenLd<T>, scores, kLd,
-                               lane_maxima.data());
+  tile_gemm<T, kARowStride, false, true>(nr, ncp, d, score_scale, a, a_col_stride, b, kTokenLd<T>, scores, kLd,
+                                         lane_maxima.data(), a_row_stride);
   return lane_maxima.data();
 }
 
@@ -633,14 +633,14 @@ template <typename T>
 void forward_rows(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>& scores, std::vector<T>& lane_maxima,
                   RowState<T>& st) {
   const int64_t nr = std::min(kFwdRows, p.nq - i0);
-  const T* qt = token_block(p.qt + bh * p.d * p.ld_q, p.d, i0);
+  const T* qr = p.qr + (bh * p.nq + i0) * p.dp;
   const T* kt = p.kt + bh * p.d * p.ld_k;
   const T* vr = p.vr + bh * p.nk * p.dvp;
   st.start(nr, p.dvp, p.nk);
   for (int64_t j0 = 0; j0 < p.nk; j0 += kFwdKeys) {
     const int64_t nc = std::min(kFwdKeys, p.nk - j0);
-    const T* maxima = score_block<T, kFwdLd<T>>(nr, nc, p.d, p.score_scale, qt, token_block(kt, p.d, j0),
-                                                scores.data(), lane_maxima);
+    const T* maxima = score_block<T, kFwdLd<T>, kAnyRowStride>(nr, nc, p.d, p.score_scale, qr, p.dp, 1,
+                                                               token_block(kt, p.d, j0), scores.data(), lane_maxima);
     online_softmax_update<T, kFwdLd<T>>(scores.data(), nr, nc, vr + j0 * p.dvp, p.dvp, st, maxima, j0 == 0);
   }
   const T* gate = p.gate != nullptr ? p.gate + bh * p.nq + i0 : nullptr;
@@ -688,9 +688,7 @@ void backward_stripe(const Attention<T>& p, int64_t bh, int64_t stripe, std::vec
   const T* vt = p.vt + bh * p.dv * p.ld_k;
   for (int64_t qb = b0; qb < b1; ++qb) {
     const int64_t i0 = qb * kBwdRows, nr = std::min(kBwdRows, p.nq - i0);
-    const T* qt = token_block(p.qt + bh * p.d * p.ld_q, p.d, i0);
     const T* qr = p.qr + (bh * p.nq + i0) * p.dp;
-    const T* gt = token_block(p.gt + bh * p.dv * p.ld_q, p.dv, i0);
     const T* gr = p.gr + (bh * p.nq + i0) * p.dvp;
     const T* lse = p.lse + bh * p.nq + i0;
     const T* delta = p.delta + bh * p.nq + i0;
@@ -700,9 +698,10 @@ void backward_stripe(const Attention<T>& p, int64_t bh, int64_t stripe, std::vec
       const int64_t nc = std::min(kBwdKeys, p.nk - j0), ncp = vec_ceil<T>(nc);
       T* pr = probs.data();
       T* ds = dprobs.data();
-      tile_gemm<T, 1, false>(nr, ncp, p.d, p.score_scale, qt, kTokenLd<T>, token_block(kt, p.d, j0), kTokenLd<T>, pr,
-                             kLd);
-      tile_gemm<T, 1, false>(nr, ncp, p.dv, T(1), gt, kTokenLd<T>, token_block(vt, p.dv, j0), kTokenLd<T>, ds, kLd);
+      tile_gemm<T, kAnyRowStride, false>(nr, ncp, p.d, p.score_scale, qr, 1, token_block(kt, p.d, j0), kTokenLd<T>,
+                                         pr, kLd, nullptr, p.dp);
+      tile_gemm<T, kAnyRowStride, false>(nr, ncp, p.dv, T(1), gr, 1, token_block(vt, p.dv, j0), kTokenLd<T>, ds,
+                                         kLd, nullptr, p.dvp);
       for (int64_t r = 0; r < nr; ++r) softmax_grad_row(pr + r * kLd, ds + r * kLd, nc, lse[r] * kLog2e<T>, delta[r]);
       tile_gemm_sum<T, 1>(qb == b0, nc, p.dvp, nr, T(1), pr, kLd, gr, p.dvp, dv + j0 * p.dvp, p.dvp);
       tile_gemm_sum<T, 1>(qb == b0, nc, p.dp, nr, p.scale, ds, kLd, qr, p.dp, dk + j0 * p.dp, p.dp);
@@ -873,8 +872,8 @@ void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vect
       const int64_t nc = std::min(kFwdKeys, p.nb - j0);
       T* s = scores.data();
       T* pc = col_probs.data();
-      const T* row_maxima = score_block<T, kLd>(nr, nc, p.d, p.score_scale, rat, token_block(rbt, p.d, j0), s,
-                                                lane_maxima);
+      const T* row_maxima = score_block<T, kLd, 1>(nr, nc, p.d, p.score_scale, rat, 1, kTokenLd<T>,
+                                                   token_block(rbt, p.d, j0), s, lane_maxima);
       // column direction: new maxima, rescale the columns' state, exp against the column maxima
       T* bm = col_block_max.data();
       std::copy(cmax + j0, cmax + j0 + nc, bm);

@@ -9,7 +9,9 @@
 // operands already lie in the layouts the microkernel reads (the kernels pack K^T, V, ... once per
 // (batch, head)), so the microkernel runs straight on them. A's row stride is a compile-time constant
 // (1, or a block buffer's leading dimension) so that the MR broadcasts of a k step are loads at constant
-// offsets from one pointer; B's rows are read as whole vectors.
+// offsets from one pointer, or with kARowStride = kAnyRowStride the a_row_stride argument (a token-major
+// operand, rows of a runtime length: its MR row offsets stay in registers for the k loop); B's rows are
+// read as whole vectors.
 //
 // Requirements: N is a multiple of Vectorized<T>::size() (the callers pad their buffers' columns to whole
 // vectors, with zeros in packed operands); every element read or written lies in the callers' buffers.
@@ -47,6 +49,10 @@ constexpr int kTileAccumulators = 4;
 constexpr int kTileMaxVectors = 1;
 #endif
 
+// kARowStride value meaning "A's row stride is the a_row_stride argument" (a token-major operand with a
+// runtime row length).
+constexpr int64_t kAnyRowStride = 0;
+
 // Rows of the register tile for NV accumulator vectors per row.
 template <int NV>
 constexpr int tile_rows() {
@@ -54,8 +60,8 @@ constexpr int tile_rows() {
 }
 
 template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
-inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t a_col_stride, const T* __restrict b,
-                             int64_t ldb, T* __restrict c, int64_t ldc, T* __restrict row_max) {
+inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t a_row_stride, int64_t a_col_stride,
+                             const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc, T* __restrict row_max) {
   static_assert(!(Accumulate && RowMax), "row maxima are of stored products, not of sums onto C");
   using V = Vectorized<T>;
   constexpr int W = V::size();
@@ -70,7 +76,7 @@ inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t 
     for (int j = 0; j < NV; ++j) bv[j] = V::loadu(b + j * W);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V ai(a[i * kARowStride]);
+      const V ai(a[i * (kARowStride != kAnyRowStride ? kARowStride : a_row_stride)]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(ai, bv[j], acc[i][j]);
     }
@@ -109,33 +115,35 @@ constexpr int power_of_two_below(int n) { return n <= 2 ? 1 : 2 * power_of_two_b
 // after 6-row tiles, a 128-row block's last 2 rows take one 2-row tile, not two 1-row tiles (a 1-row tile
 // issues a load per FMA; 1.8% of a gated self-attention fwd+bwd at N = 784, D = 64 went there).
 template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
-inline void gemm_panel(int64_t M, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb, T* c,
-                       int64_t ldc, T* row_max) {
+inline void gemm_panel(int64_t M, int64_t K, T alpha, const T* a, int64_t a_row_stride, int64_t a_col_stride,
+                       const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max) {
   constexpr int64_t W = Vectorized<T>::size();
+  const int64_t rs = kARowStride != kAnyRowStride ? kARowStride : a_row_stride;
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
-    gemm_microkernel<T, MR, NV, kARowStride, Accumulate, RowMax>(K, alpha, a + i * kARowStride, a_col_stride, b, ldb,
-                                                                 c + i * ldc, ldc, row_max + (RowMax ? i * W : 0));
+    gemm_microkernel<T, MR, NV, kARowStride, Accumulate, RowMax>(K, alpha, a + i * rs, a_row_stride, a_col_stride, b,
+                                                                 ldb, c + i * ldc, ldc, row_max + (RowMax ? i * W : 0));
   if constexpr (MR > 1) {
     constexpr int kHalf = power_of_two_below(MR);
     if (i < M)
-      gemm_panel<T, kHalf, NV, kARowStride, Accumulate, RowMax>(M - i, K, alpha, a + i * kARowStride, a_col_stride, b,
-                                                                ldb, c + i * ldc, ldc, row_max + (RowMax ? i * W : 0));
+      gemm_panel<T, kHalf, NV, kARowStride, Accumulate, RowMax>(M - i, K, alpha, a + i * rs, a_row_stride,
+                                                                a_col_stride, b, ldb, c + i * ldc, ldc,
+                                                                row_max + (RowMax ? i * W : 0));
   }
 }
 
 template <typename T, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
-inline void gemm_panel_nv(int64_t M, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
-                          T* c, int64_t ldc, T* row_max) {
-  gemm_panel<T, tile_rows<NV>(), NV, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, b, ldb, c, ldc,
-                                                                      row_max);
+inline void gemm_panel_nv(int64_t M, int64_t K, T alpha, const T* a, int64_t a_row_stride, int64_t a_col_stride,
+                          const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max) {
+  gemm_panel<T, tile_rows<NV>(), NV, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, b,
+                                                                      ldb, c, ldc, row_max);
 }
 
 // C[M, N] = alpha A B (+ C): see the top of the file. N must be a multiple of Vectorized<T>::size(). With
 // RowMax, row_max[M * W] (filled with -inf by the caller) takes each row's lane maxima of C.
 template <typename T, int64_t kARowStride, bool Accumulate, bool RowMax = false>
 void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
-               T* c, int64_t ldc, T* row_max = nullptr) {
+               T* c, int64_t ldc, T* row_max = nullptr, int64_t a_row_stride = kARowStride) {
   constexpr int64_t W = Vectorized<T>::size();
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // an empty sum
@@ -152,17 +160,21 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_c
     T* cp = c + n0;
     switch (nv) {
       case 1:
-        gemm_panel_nv<T, 1, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        gemm_panel_nv<T, 1, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
+                                                               ldc, row_max);
         break;
 #if !defined(CPU_CAPABILITY_DEFAULT)
       case 2:
-        gemm_panel_nv<T, 2, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        gemm_panel_nv<T, 2, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
+                                                               ldc, row_max);
         break;
       case 3:
-        gemm_panel_nv<T, 3, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        gemm_panel_nv<T, 3, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
+                                                               ldc, row_max);
         break;
       case 4:
-        gemm_panel_nv<T, 4, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_col_stride, bp, ldb, cp, ldc, row_max);
+        gemm_panel_nv<T, 4, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
+                                                               ldc, row_max);
         break;
 #endif
       default: break;
