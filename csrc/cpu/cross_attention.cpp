@@ -13,8 +13,9 @@
 // operand is packed ONCE per (batch, head) into the layout the microkernel reads: B operands row-major with
 // whole padded vectors (K^T and V^T over keys, V, K, Q and dO over channels), A operands token-major (Q,
 // dO: rows with a runtime stride, read in place when dense) or a block buffer with a compile-time leading
-// dimension; the tied op's A operands (r_a^T, r_b^T) are channel-major. Packing also reads any strides, so the strided token views a U-Net produces
-// ([B, C, H, W] seen as [B, heads, H*W, d]) cost nothing extra, and bfloat16 is converted once on entry.
+// dimension; the tied op's A operands (r_a^T, r_b^T) are channel-major. Packing also reads any strides, so
+// the strided token views a U-Net produces ([B, C, H, W] seen as [B, heads, H*W, d]) cost nothing extra,
+// and bfloat16 is converted once on entry.
 // Leading dimensions are padded off multiples of 128 bytes (padded_ld): a k step reads one vector from
 // each of K rows of a block, and power-of-two strides put them in a few L1 sets (measured: -25% on AVX2).
 //

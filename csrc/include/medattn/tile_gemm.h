@@ -53,6 +53,12 @@ constexpr int kTileMaxVectors = 1;
 // runtime row length).
 constexpr int64_t kAnyRowStride = 0;
 
+// A's row stride: the compile-time one, or the argument under kAnyRowStride.
+template <int64_t kARowStride>
+constexpr int64_t a_row_step(int64_t a_row_stride) {
+  return kARowStride != kAnyRowStride ? kARowStride : a_row_stride;
+}
+
 // Rows of the register tile for NV accumulator vectors per row.
 template <int NV>
 constexpr int tile_rows() {
@@ -76,7 +82,7 @@ inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t 
     for (int j = 0; j < NV; ++j) bv[j] = V::loadu(b + j * W);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V ai(a[i * (kARowStride != kAnyRowStride ? kARowStride : a_row_stride)]);
+      const V ai(a[i * a_row_step<kARowStride>(a_row_stride)]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(ai, bv[j], acc[i][j]);
     }
@@ -118,7 +124,7 @@ template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool
 inline void gemm_panel(int64_t M, int64_t K, T alpha, const T* a, int64_t a_row_stride, int64_t a_col_stride,
                        const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max) {
   constexpr int64_t W = Vectorized<T>::size();
-  const int64_t rs = kARowStride != kAnyRowStride ? kARowStride : a_row_stride;
+  const int64_t rs = a_row_step<kARowStride>(a_row_stride);
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
     gemm_microkernel<T, MR, NV, kARowStride, Accumulate, RowMax>(K, alpha, a + i * rs, a_row_stride, a_col_stride, b,
