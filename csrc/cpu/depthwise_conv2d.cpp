@@ -156,8 +156,8 @@ MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
 
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
 // that there are about kMinItems items. Depends on the shape only (determinism of grad weight).
-inline int64_t rows_per_tile(int64_t planes, int64_t rows) {
-  const int64_t tiles = std::min<int64_t>(rows, std::max<int64_t>(1, (kMinItems + planes - 1) / planes));
+inline int64_t rows_per_tile(int64_t planes, int64_t rows, int64_t min_items = kMinItems) {
+  const int64_t tiles = std::min<int64_t>(rows, std::max<int64_t>(1, (min_items + planes - 1) / planes));
   return (rows + tiles - 1) / tiles;
 }
 
@@ -824,6 +824,12 @@ void with_tap_block(int64_t KW, F&& f) {
 // (kBlockedMinTaps). Prefetching the next item's input rows during the compute (as correlate_planes does)
 // made it slower (K = 13: 2.64-2.69 ms).
 constexpr int64_t kBlockedMinTaps = 81;
+// Fewer, taller row tiles than the row kernel's (kMinItems): a tile transposes its K - 1 halo rows again,
+// and these items sum nothing across tiles (no determinism constraint). (8, 64, 56, 56), K = 13: whole
+// planes, 68 slab rows per 56 output rows instead of 2 x 40 per 56; with the all-padding column blocks no
+// longer transposed (fill_slab_nhwc16), forward K = 13 2.16-2.27 -> 2.11-2.17 ms, K = 9 -7%, K = 21 / 31
+// -1 to -2% (Intel Xeon, alternating builds, caches flushed).
+constexpr int64_t kMinBlockedItems = 16;
 
 inline bool blocked_nchw_pays(int64_t C, const Geometry& g) {
   return C % 16 == 0 && g.KH * g.KW >= kBlockedMinTaps;
@@ -849,6 +855,10 @@ inline void fill_slab_nhwc16(float* slab, const float* planes, int64_t src_rows,
     for (int64_t jb = 0; jb < width; jb += 16) {
       const int64_t n = std::min<int64_t>(16, width - jb), c = col0 + jb;
       const int64_t lo = std::clamp<int64_t>(-c, 0, n), hi = std::clamp<int64_t>(src_cols - c, lo, n);
+      if (hi == lo) {  // all padding (the kernel's reach past the plane: at W = 56, K = 13, 1 block in 5)
+        std::fill(dst + jb * 16, dst + (jb + n) * 16, 0.f);
+        continue;
+      }
       const __mmask16 m = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
       __m512 v[16];
       const float* p = planes + sr * src_cols + c;
@@ -879,7 +889,7 @@ void correlate_planes_blocked(const float* src, float* dst, const float* w, cons
   constexpr int N = 16;
   static_assert(Simd<float>::N == N, "AVX-512 pass only");
   const int64_t groups = C / N, taps = g.KH * g.KW;
-  const int64_t tile = rows_per_tile(B * groups, out_rows), tiles = (out_rows + tile - 1) / tile;
+  const int64_t tile = rows_per_tile(B * groups, out_rows, kMinBlockedItems), tiles = (out_rows + tile - 1) / tile;
   const int64_t width = out_cols + g.dw * (g.KW - 1);  // the output's columns plus the kernel's reach
   const int64_t max_slab_rows = tile + g.dh * (g.KH - 1);
   const std::vector<float> wt = pack_taps_by_channel(w, C, taps);  // [groups][taps][16]
