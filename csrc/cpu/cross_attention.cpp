@@ -12,10 +12,10 @@
 // sgemm at K = 16 reaches ~75% of the microkernel's rate on a Zen 4, ~90% at K = 96). Instead every
 // operand is packed ONCE per (batch, head) into the layout the microkernel reads: B operands row-major with
 // whole padded vectors (K^T and V^T over keys, V, K, Q and dO over channels), A operands token-major (Q,
-// dO: rows with a runtime stride, read in place when dense) or a block buffer with a compile-time leading
-// dimension; the tied op's A operands (r_a^T, r_b^T) are channel-major. Packing also reads any strides, so
-// the strided token views a U-Net produces ([B, C, H, W] seen as [B, heads, H*W, d]) cost nothing extra,
-// and bfloat16 is converted once on entry.
+// dO, the tied op's r_a, v_a and dO_a: rows with a runtime stride, read in place when dense) or a block
+// buffer with a compile-time leading dimension. Packing also reads any strides, so the strided token views
+// a U-Net produces ([B, C, H, W] seen as [B, heads, H*W, d]) cost nothing extra, and bfloat16 is converted
+// once on entry.
 // Leading dimensions are padded off multiples of 128 bytes (padded_ld): a k step reads one vector from
 // each of K rows of a block, and power-of-two strides put them in a few L1 sets (measured: -25% on AVX2).
 //
@@ -757,19 +757,23 @@ void backward_all(std::vector<Attention<T>>& problems, const std::vector<const T
 // S = scale r_a r_b^T [Na, Nb]; o_a = softmax_row(S) v_b, o_b = softmax_col(S)^T v_a. Each score block
 // feeds both: the row state (max, sum, o_a accumulator) of the current query block and the column state
 // of every key block, which lives for the whole stripe in the stripe's own buffers, merged afterwards
-// with the log-sum-exp rule. Packed operands per head ([c, ld_a] / [c, ld_b]: channel-major in token blocks
-// as above; dp / dvap / dvbp padded channel counts):
-//   rat r_a^T [d, ld_a]  rbt r_b^T [d, ld_b]  var v_a [na, dvap]  vbr v_b [nb, dvbp]      (forward)
-//   rat, rbt, rar r_a [na, dp], rbr r_b [nb, dp], vat v_a^T [dva, ld_a], vbt v_b^T [dvb, ld_b],
-//   gat dO_a^T [dvb, ld_a], gar dO_a [na, dvbp], gbt dO_b^T [dva, ld_b], gbr dO_b [nb, dvap]  (backward)
+// with the log-sum-exp rule. Packed operands per head ([c, ld_b]: channel-major in token blocks as above;
+// dp / dvap / dvbp padded channel counts):
+//   rar r_a [na, dp]  rbt r_b^T [d, ld_b]  var v_a [na, dvap]  vbr v_b [nb, dvbp]      (forward)
+//   rar, rbt, var, rbr r_b [nb, dp], vbt v_b^T [dvb, ld_b], gar dO_a [na, dvbp], gbt dO_b^T [dva, ld_b],
+//   gbr dO_b [nb, dvap]                                                              (backward)
+// The A operands of the three [query block, key block] products (S = r_a r_b^T, dP_row = dO_a v_b^T,
+// dP_col = v_a dO_b^T) are read token-major, as the plain op's (Attention): no r_a^T, v_a^T, dO_a^T packs.
+// Measured against those packs (Intel Xeon, 2 threads, alternating builds, B2 H1 N3136 D96): fwd+bwd
+// 145.8-147.5 -> 141.1-144.2 ms (AVX512), 220.6-231.6 -> 218.1-228.6 ms (AVX2 pass); forward unchanged.
 template <typename T>
 struct Tied {
   Tokens<const T> ra, va, rb, vb, goa, gob;
   int64_t bh_count = 0, na = 0, nb = 0, d = 0, dva = 0, dvb = 0, stripes = 1;
   T scale = 1, score_scale = 1;  // as Attention
-  int64_t ld_a = 0, ld_b = 0, dp = 0, dvap = 0, dvbp = 0;
-  const T *rat = nullptr, *rbt = nullptr, *var = nullptr, *vbr = nullptr, *rar = nullptr, *rbr = nullptr,
-          *vat = nullptr, *vbt = nullptr, *gat = nullptr, *gar = nullptr, *gbt = nullptr, *gbr = nullptr;
+  int64_t ld_b = 0, dp = 0, dvap = 0, dvbp = 0;
+  const T *rar = nullptr, *rbt = nullptr, *var = nullptr, *vbr = nullptr, *rbr = nullptr, *vbt = nullptr,
+          *gar = nullptr, *gbt = nullptr, *gbr = nullptr;
   Tokens<T> oa, ob;
   T *lse_row = nullptr, *lse_col = nullptr;
   // forward column state per stripe: [G, BH, nb] maxima and sums, [G, BH, nb, dvap] accumulators
@@ -783,18 +787,15 @@ struct Tied {
 template <typename T>
 at::Tensor pack_tied(Tied<T>& p, bool backward, const at::TensorOptions& options) {
   OperandPacks<T> packs(p.bh_count);
-  packs.channel_major(p.ra, p.ld_a, p.rat);
+  packs.token_major(p.ra, p.dp, p.rar);
   packs.channel_major(p.rb, p.ld_b, p.rbt);
+  packs.token_major(p.va, p.dvap, p.var);
   if (!backward) {
-    packs.token_major(p.va, p.dvap, p.var);
     packs.token_major(p.vb, p.dvbp, p.vbr);
     return packs.run(options);
   }
-  packs.token_major(p.ra, p.dp, p.rar);
   packs.token_major(p.rb, p.dp, p.rbr);
-  packs.channel_major(p.va, p.ld_a, p.vat);
   packs.channel_major(p.vb, p.ld_b, p.vbt);
-  packs.channel_major(p.goa, p.ld_a, p.gat);
   packs.token_major(p.goa, p.dvbp, p.gar);
   packs.channel_major(p.gob, p.ld_b, p.gbt);
   packs.token_major(p.gob, p.dvap, p.gbr);
@@ -866,15 +867,15 @@ void tied_forward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vect
   const T* vbr = p.vbr + bh * p.nb * p.dvbp;
   for (int64_t qb = b0; qb < b1; ++qb) {
     const int64_t i0 = qb * kFwdRows, nr = std::min(kFwdRows, p.na - i0);
-    const T* rat = token_block(p.rat + bh * p.d * p.ld_a, p.d, i0);
+    const T* rar = p.rar + (bh * p.na + i0) * p.dp;
     const T* var = p.var + (bh * p.na + i0) * p.dvap;
     st.start(nr, p.dvbp, p.nb);
     for (int64_t j0 = 0; j0 < p.nb; j0 += kFwdKeys) {
       const int64_t nc = std::min(kFwdKeys, p.nb - j0);
       T* s = scores.data();
       T* pc = col_probs.data();
-      const T* row_maxima = score_block<T, kLd, 1>(nr, nc, p.d, p.score_scale, rat, 1, kTokenLd<T>,
-                                                   token_block(rbt, p.d, j0), s, lane_maxima);
+      const T* row_maxima = score_block<T, kLd, kAnyRowStride>(nr, nc, p.d, p.score_scale, rar, p.dp, 1,
+                                                               token_block(rbt, p.d, j0), s, lane_maxima);
       // column direction: new maxima, rescale the columns' state, exp against the column maxima
       T* bm = col_block_max.data();
       std::copy(cmax + j0, cmax + j0 + nc, bm);
@@ -982,10 +983,8 @@ void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vec
   T* dva = buf[5].data();
   for (int64_t qb = b0; qb < b1; ++qb) {
     const int64_t i0 = qb * kBwdRows, nr = std::min(kBwdRows, p.na - i0);
-    const T* rat = token_block(p.rat + bh * p.d * p.ld_a, p.d, i0);
     const T* rar = p.rar + (bh * p.na + i0) * p.dp;
-    const T* vat = token_block(p.vat + bh * p.dva * p.ld_a, p.dva, i0);
-    const T* gat = token_block(p.gat + bh * p.dvb * p.ld_a, p.dvb, i0);
+    const T* var = p.var + (bh * p.na + i0) * p.dvap;
     const T* gar = p.gar + (bh * p.na + i0) * p.dvbp;
     const T* lse_row = p.lse_row + bh * p.na + i0;
     const T* delta_row = p.delta_row + bh * p.na + i0;
@@ -995,12 +994,12 @@ void tied_backward_stripe(const Tied<T>& p, int64_t bh, int64_t stripe, std::vec
     }
     for (int64_t j0 = 0; j0 < p.nb; j0 += kBwdKeys) {
       const int64_t nc = std::min(kBwdKeys, p.nb - j0), ncp = vec_ceil<T>(nc);
-      tile_gemm<T, 1, false>(nr, ncp, p.d, p.score_scale, rat, kTokenLd<T>, token_block(rbt, p.d, j0), kTokenLd<T>,
-                             prow, kLd);
-      tile_gemm<T, 1, false>(nr, ncp, p.dvb, T(1), gat, kTokenLd<T>, token_block(vbt, p.dvb, j0), kTokenLd<T>, ds,
-                             kLd);
-      tile_gemm<T, 1, false>(nr, ncp, p.dva, T(1), vat, kTokenLd<T>, token_block(gbt, p.dva, j0), kTokenLd<T>,
-                             dpcol, kLd);
+      tile_gemm<T, kAnyRowStride, false>(nr, ncp, p.d, p.score_scale, rar, 1, token_block(rbt, p.d, j0),
+                                         kTokenLd<T>, prow, kLd, nullptr, p.dp);
+      tile_gemm<T, kAnyRowStride, false>(nr, ncp, p.dvb, T(1), gar, 1, token_block(vbt, p.dvb, j0), kTokenLd<T>, ds,
+                                         kLd, nullptr, p.dvbp);
+      tile_gemm<T, kAnyRowStride, false>(nr, ncp, p.dva, T(1), var, 1, token_block(gbt, p.dva, j0), kTokenLd<T>,
+                                         dpcol, kLd, nullptr, p.dvap);
       for (int64_t r = 0; r < nr; ++r)
         tied_grad_row(prow + r * kLd, pcol + r * kLd, ds + r * kLd, dpcol + r * kLd, lse_col + j0, delta_col + j0, nc,
                       lse_row[r] * kLog2e<T>, delta_row[r]);
@@ -1291,7 +1290,6 @@ Tied<T> make_tied(const at::Tensor& r_a, const at::Tensor& v_a, const at::Tensor
   p.bh_count = r_a.size(0) * r_a.size(1);
   p.scale = static_cast<T>(scale);
   p.score_scale = static_cast<T>(scale * kLog2e<double>);
-  p.ld_a = channel_major_extent<T>(p.na);
   p.ld_b = channel_major_extent<T>(p.nb);
   p.dp = vec_ceil<T>(p.d);
   p.dvap = vec_ceil<T>(p.dva);
