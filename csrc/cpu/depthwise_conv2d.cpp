@@ -155,7 +155,7 @@ MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
 }
 
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
-// that there are about kMinItems items. Depends on the shape only (determinism of grad weight).
+// that there are about min_items items. Depends on the shape only (determinism of grad weight).
 inline int64_t rows_per_tile(int64_t planes, int64_t rows, int64_t min_items = kMinItems) {
   const int64_t tiles = std::min<int64_t>(rows, std::max<int64_t>(1, (min_items + planes - 1) / planes));
   return (rows + tiles - 1) / tiles;
