@@ -25,12 +25,17 @@
 // medattn/vec_math.h's row maxima (a lane takes x only where x > max). The attention forward's softmax needs
 // each score row's maximum: taken from the accumulators as they are stored, it saves a pass that reads the
 // whole score block back from L2.
+//
+// Epilogue (stores only): each stored vector is op(row, col, alpha (A B)[row, col .. col + W)), row and col
+// C's indices. The default (StoreProduct) stores the product; an op that turns scores into what the next
+// step needs (the attention backward's probabilities and score gradients) saves a pass over the block.
 #pragma once
 
 #include "medattn/vec_math.h"  // Vectorized
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace medattn {
 inline namespace CPU_CAPABILITY {
@@ -49,6 +54,14 @@ constexpr int kTileAccumulators = 4;
 constexpr int kTileMaxVectors = 1;
 #endif
 
+// The default epilogue: C = alpha A B.
+struct StoreProduct {
+  template <typename V>
+  V operator()(int64_t /*row*/, int64_t /*col*/, const V& x) const {
+    return x;
+  }
+};
+
 // kARowStride value meaning "A's row stride is the a_row_stride argument" (a token-major operand with a
 // runtime row length).
 constexpr int64_t kAnyRowStride = 0;
@@ -65,9 +78,10 @@ constexpr int tile_rows() {
   return std::min(16, kTileAccumulators / NV);
 }
 
-template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
+template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax, class Op>
 inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t a_row_stride, int64_t a_col_stride,
-                             const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc, T* __restrict row_max) {
+                             const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc, T* __restrict row_max,
+                             const Op& op, int64_t row0, int64_t col0) {
   static_assert(!(Accumulate && RowMax), "row maxima are of stored products, not of sums onto C");
   using V = Vectorized<T>;
   constexpr int W = V::size();
@@ -98,7 +112,7 @@ inline void gemm_microkernel(int64_t K, T alpha, const T* __restrict a, int64_t 
       if constexpr (Accumulate) {
         at::vec::fmadd(acc[i][j], alpha_v, V::loadu(out)).store(out);
       } else {
-        acc[i][j] = acc[i][j] * alpha_v;
+        acc[i][j] = op(row0 + i, col0 + j * W, acc[i][j] * alpha_v);
         acc[i][j].store(out);
       }
     }
@@ -120,41 +134,46 @@ constexpr int power_of_two_below(int n) { return n <= 2 ? 1 : 2 * power_of_two_b
 // in tiles of power-of-two heights below MR, so that each is covered by at most one tile per height:
 // after 6-row tiles, a 128-row block's last 2 rows take one 2-row tile, not two 1-row tiles (a 1-row tile
 // issues a load per FMA; 1.8% of a gated self-attention fwd+bwd at N = 784, D = 64 went there).
-template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
+template <typename T, int MR, int NV, int64_t kARowStride, bool Accumulate, bool RowMax, class Op>
 inline void gemm_panel(int64_t M, int64_t K, T alpha, const T* a, int64_t a_row_stride, int64_t a_col_stride,
-                       const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max) {
+                       const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max, const Op& op, int64_t row0,
+                       int64_t col0) {
   constexpr int64_t W = Vectorized<T>::size();
   const int64_t rs = a_row_step<kARowStride>(a_row_stride);
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
     gemm_microkernel<T, MR, NV, kARowStride, Accumulate, RowMax>(K, alpha, a + i * rs, a_row_stride, a_col_stride, b,
-                                                                 ldb, c + i * ldc, ldc, row_max + (RowMax ? i * W : 0));
+                                                                 ldb, c + i * ldc, ldc, row_max + (RowMax ? i * W : 0),
+                                                                 op, row0 + i, col0);
   if constexpr (MR > 1) {
     constexpr int kHalf = power_of_two_below(MR);
     if (i < M)
       gemm_panel<T, kHalf, NV, kARowStride, Accumulate, RowMax>(M - i, K, alpha, a + i * rs, a_row_stride,
                                                                 a_col_stride, b, ldb, c + i * ldc, ldc,
-                                                                row_max + (RowMax ? i * W : 0));
+                                                                row_max + (RowMax ? i * W : 0), op, row0 + i, col0);
   }
 }
 
-template <typename T, int NV, int64_t kARowStride, bool Accumulate, bool RowMax>
+template <typename T, int NV, int64_t kARowStride, bool Accumulate, bool RowMax, class Op>
 inline void gemm_panel_nv(int64_t M, int64_t K, T alpha, const T* a, int64_t a_row_stride, int64_t a_col_stride,
-                          const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max) {
+                          const T* b, int64_t ldb, T* c, int64_t ldc, T* row_max, const Op& op, int64_t col0) {
   gemm_panel<T, tile_rows<NV>(), NV, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, b,
-                                                                      ldb, c, ldc, row_max);
+                                                                      ldb, c, ldc, row_max, op, 0, col0);
 }
 
 // C[M, N] = alpha A B (+ C): see the top of the file. N must be a multiple of Vectorized<T>::size(). With
 // RowMax, row_max[M * W] (filled with -inf by the caller) takes each row's lane maxima of C.
-template <typename T, int64_t kARowStride, bool Accumulate, bool RowMax = false>
+template <typename T, int64_t kARowStride, bool Accumulate, bool RowMax = false, class Op = StoreProduct>
 void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_col_stride, const T* b, int64_t ldb,
-               T* c, int64_t ldc, T* row_max = nullptr, int64_t a_row_stride = kARowStride) {
+               T* c, int64_t ldc, T* row_max = nullptr, int64_t a_row_stride = kARowStride, const Op& op = Op()) {
+  static_assert(std::is_same_v<Op, StoreProduct> || !(Accumulate || RowMax),
+                "an epilogue applies to stored products, and row maxima are of plain ones");
   constexpr int64_t W = Vectorized<T>::size();
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // an empty sum
     if constexpr (!Accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, T(0));
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; j += W) op(i, j, Vectorized<T>(T(0))).store(c + i * ldc + j);
       if constexpr (RowMax)
         for (int64_t e = 0; e < M * W; ++e) row_max[e] = row_max[e] < T(0) ? T(0) : row_max[e];
     }
@@ -167,20 +186,20 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_c
     switch (nv) {
       case 1:
         gemm_panel_nv<T, 1, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
-                                                               ldc, row_max);
+                                                               ldc, row_max, op, n0);
         break;
 #if !defined(CPU_CAPABILITY_DEFAULT)
       case 2:
         gemm_panel_nv<T, 2, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
-                                                               ldc, row_max);
+                                                               ldc, row_max, op, n0);
         break;
       case 3:
         gemm_panel_nv<T, 3, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
-                                                               ldc, row_max);
+                                                               ldc, row_max, op, n0);
         break;
       case 4:
         gemm_panel_nv<T, 4, kARowStride, Accumulate, RowMax>(M, K, alpha, a, a_row_stride, a_col_stride, bp, ldb, cp,
-                                                               ldc, row_max);
+                                                               ldc, row_max, op, n0);
         break;
 #endif
       default: break;
