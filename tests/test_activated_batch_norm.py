@@ -184,6 +184,23 @@ def test_cpu_streaming_stores(dtype, channels, layout):
     check_parity("cpu", (2, channels, 129, 130), dtype, layout)
 
 
+# The backward computes only the gradients asked for (output_mask); without grad x, the NCHW kernel's
+# channel pipeline runs its sums pass alone. Each subset equals the same entries of the full call, on
+# several channels per thread (the pipeline hands each channel's constants on to the next pass).
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_gradient_subsets(layout):
+    x = make_tensor((3, 9, 13, 11), layout=layout)
+    weight, bias = make_params(9)
+    y, _, var = torch.ops.medattn.activated_batch_norm(x, weight, bias, 1e-5, 0.01)
+    grad = torch.randn_like(y)
+    backward = torch.ops.medattn.activated_batch_norm_backward
+    full = backward(grad, y, weight, bias, var, 1e-5, 0.01, [True, True, True])
+    for mask in ([True, False, False], [False, True, True], [False, True, False], [True, False, True]):
+        part = backward(grad, y, weight, bias, var, 1e-5, 0.01, mask)
+        for name, wanted, got, want in zip(["x", "weight", "bias"], mask, part, full):
+            assert torch.equal(got, want) if wanted else got.numel() == 0, f"grad {name}, mask {mask}"
+
+
 @pytest.mark.parametrize("slope", [0.01, 0.2, 1.0])
 def test_slopes_and_offset_inputs(slope):
     # A large common offset: the shifted sums must not lose the variance to cancellation.

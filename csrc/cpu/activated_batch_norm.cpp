@@ -15,9 +15,10 @@
 // around the channel's first value x0, which avoids the cancellation of E[x^2] - E[x]^2 without a third
 // pass; backward: sum dz, sum dz * xhat), then an elementwise pass. Both layouts are read as flat,
 // unit-stride runs of values whose channel repeats with a period of L lanes:
-//  * NCHW: a channel's B rows of H*W values; L = kChains vectors, every lane the same channel. Work item
-//    = one channel, so its rows are still in L2 (a few hundred KiB at DIN's shapes) when the second
-//    pass re-reads them.
+//  * NCHW: a channel's B rows of H*W values; L = kChains vectors, every lane the same channel. A thread
+//    takes a range of channels and runs the second pass over one channel interleaved with the first
+//    pass over the next (pipelined_channel_passes): the second pass re-reads rows still in L2 (a few
+//    hundred KiB per channel at DIN's shapes) while the first reads new ones from memory.
 //  * channels_last: pixel blocks of C values each; L = a multiple of lcm(C, vector width), lane k holds
 //    channel k % C, so the same vector loops serve any C (12, 24, 96: no per-pixel remainders). Work
 //    item = a chunk of pixels; per-chunk channel sums are combined in chunk order after the loop.
@@ -257,36 +258,32 @@ inline int64_t block_capacity(const Geometry& g, int64_t L) {
   return g.channels_last ? pixels_per_block<acc>(g.C, L) * g.C : kBlockValues;
 }
 
-// NCHW: body(scratch, c) for every channel, in parallel, with per-thread scratch = make().
-template <typename Make, typename Body>
-inline void parallel_channels(int64_t C, const Make& make, const Body& body) {
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    auto scratch = make();
-    for (int64_t c = c0; c < c1; ++c) body(scratch, c);
-  });
-}
-
-// run(offset, n) over channel c's rows (one per image) in blocks of at most kBlockValues values.
-template <typename Run>
-inline void for_each_channel_block(const Geometry& g, int64_t c, const Run& run) {
-  for (int64_t b = 0; b < g.B; ++b) {
-    const int64_t row = (b * g.C + c) * g.HW;
-    for (int64_t i = 0; i < g.HW; i += kBlockValues) run(row + i, std::min(kBlockValues, g.HW - i));
-  }
-}
-
-// The same blocks, last first. The elementwise second pass walks the channel backwards: the blocks the
-// sums pass read last are the ones still in L2, and a channel's working set (B * H * W values per
-// input, plus the output) often exceeds L2 (1.6 MiB per input at (8, 12, 224, 224); 1.2 MiB in the
-// backward at (8, 24, 112, 112) against Zen 4's 1 MiB), where a forward re-walk would miss on every
-// line under LRU replacement.
-template <typename Run>
-inline void for_each_channel_block_reversed(const Geometry& g, int64_t c, const Run& run) {
-  if (g.HW <= 0) return;
-  const int64_t last = (g.HW - 1) / kBlockValues * kBlockValues;
-  for (int64_t b = g.B - 1; b >= 0; --b) {
-    const int64_t row = (b * g.C + c) * g.HW;
-    for (int64_t i = last; i >= 0; i -= kBlockValues) run(row + i, std::min(kBlockValues, g.HW - i));
+// NCHW, one thread's channels [c0, c1), each a sums pass then an elementwise pass over its B rows of H*W
+// values in blocks of at most kBlockValues: the sums pass over channel c + 1 runs block by block beside
+// the elementwise pass over channel c. Alone, the sums pass only reads from memory and the elementwise
+// pass reads from L2 and only writes to memory: the bus carries one direction at a time and each core
+// has a few dozen lines in flight for it. Interleaved, the reads of one channel overlap the writes of
+// the other, as in a tensor copy. The elementwise pass walks its channel backwards: the blocks the sums
+// pass read last are the ones still in L2 when a channel's working set (B * H * W values per input)
+// exceeds it, where a forward re-walk would miss on every line under LRU replacement.
+//   sums(c, j, offset, n): block j of channel c (j = 0 first); finish(c): after c's last block;
+//   apply(c, offset, n): a block of channel c, after finish(c).
+template <typename Sums, typename Finish, typename Apply>
+inline void pipelined_channel_passes(const Geometry& g, int64_t c0, int64_t c1, const Sums& sums,
+                                     const Finish& finish, const Apply& apply) {
+  const int64_t per_row = (g.HW + kBlockValues - 1) / kBlockValues, blocks = g.B * per_row;
+  const auto offset = [&](int64_t c, int64_t j) { return (j / per_row * g.C + c) * g.HW + j % per_row * kBlockValues; };
+  const auto size = [&](int64_t j) { return std::min(kBlockValues, g.HW - j % per_row * kBlockValues); };
+  for (int64_t j = 0; j < blocks; ++j) sums(c0, j, offset(c0, j), size(j));
+  finish(c0);
+  for (int64_t c = c0; c < c1; ++c) {
+    const bool next = c + 1 < c1;
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int64_t back = blocks - 1 - j;
+      apply(c, offset(c, back), size(back));
+      if (next) sums(c + 1, j, offset(c + 1, j), size(j));
+    }
+    if (next) finish(c + 1);
   }
 }
 
@@ -326,31 +323,39 @@ void forward_nchw(const Geometry& g, const scalar_t* xp, scalar_t* yp, const sca
   using acc = acc_t<scalar_t>;
   const int64_t L = period_lanes<acc>(1);
   const bool stream = g.streams<scalar_t>(2);  // x read, y written
-  parallel_channels(g.C, [&] { return Scratch<scalar_t>(L, 5, kBlockValues); }, [&](Scratch<scalar_t>& s, int64_t c) {
-    const double shift = static_cast<double>(xp[c * g.HW]);
-    fill_channel(s.param(0, L), L, static_cast<acc>(shift));
-    double t1 = 0, t2 = 0;
-    for_each_channel_block(g, c, [&](int64_t off, int64_t n) {
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    // lanes: 0 the summed channel's shift; 1-4 the normalised channel's mean_hi, mean_lo, scale, beta
+    Scratch<scalar_t> s(L, 5, kBlockValues);
+    const NormalizeLanes<acc> lanes{s.param(1, L), s.param(2, L), s.param(3, L), s.param(4, L),
+                                    static_cast<acc>(slope)};
+    double shift = 0, t1 = 0, t2 = 0;
+    const auto sums = [&](int64_t c, int64_t j, int64_t off, int64_t n) {
+      if (j == 0) {
+        shift = static_cast<double>(xp[c * g.HW]);
+        fill_channel(s.param(0, L), L, static_cast<acc>(shift));
+        t1 = t2 = 0;
+      }
       add_shifted_sums(load_run(xp + off, n, s.in0.data()), n, L, s.param(0, L), s.s1.data(), s.s2.data());
       fold_all_lanes(s.s1.data(), L, t1);
       fold_all_lanes(s.s2.data(), L, t2);
-    });
-    const ChannelStats st = channel_stats(shift, t1, t2, g.M(), static_cast<double>(wp[c]), eps);
-    mp[c] = static_cast<acc>(st.mean);
-    vp[c] = static_cast<acc>(st.var);
-    acc hi, lo;
-    split_mean(st.mean, hi, lo);
-    fill_channel(s.param(1, L), L, hi);
-    fill_channel(s.param(2, L), L, lo);
-    fill_channel(s.param(3, L), L, static_cast<acc>(st.scale));
-    fill_channel(s.param(4, L), L, static_cast<acc>(bp[c]));
-    const NormalizeLanes<acc> lanes{s.param(1, L), s.param(2, L), s.param(3, L), s.param(4, L),
-                                    static_cast<acc>(slope)};
-    for_each_channel_block_reversed(g, c, [&](int64_t off, int64_t n) {
+    };
+    const auto finish = [&](int64_t c) {
+      const ChannelStats st = channel_stats(shift, t1, t2, g.M(), static_cast<double>(wp[c]), eps);
+      mp[c] = static_cast<acc>(st.mean);
+      vp[c] = static_cast<acc>(st.var);
+      acc hi, lo;
+      split_mean(st.mean, hi, lo);
+      fill_channel(s.param(1, L), L, hi);
+      fill_channel(s.param(2, L), L, lo);
+      fill_channel(s.param(3, L), L, static_cast<acc>(st.scale));
+      fill_channel(s.param(4, L), L, static_cast<acc>(bp[c]));
+    };
+    const auto apply = [&](int64_t, int64_t off, int64_t n) {
       acc* out = run_target(yp + off, s.out.data());
       normalize_leaky(load_run(xp + off, n, s.in0.data()), out, n, L, lanes, stream);
       store_run(out, yp + off, n);
-    });
+    };
+    pipelined_channel_passes(g, c0, c1, sums, finish, apply);
     if (stream) stream_fence();
   });
 }
@@ -434,27 +439,40 @@ void backward_nchw(const Geometry& g, const scalar_t* yp, const scalar_t* gp, sc
   const int64_t L = period_lanes<acc>(1);
   const acc slope_a = static_cast<acc>(slope), inv_slope = acc(1) / slope_a;
   const bool stream = g.streams<scalar_t>(3);  // y and grad_out read, grad_x written
-  parallel_channels(g.C, [&] { return Scratch<scalar_t>(L, 5, kBlockValues); }, [&](Scratch<scalar_t>& s, int64_t c) {
-    const ChannelInverse<acc> k = channel_inverse(wp, bp, c, eps);
-    fill_channel(s.param(0, L), L, k.beta);
-    fill_channel(s.param(1, L), L, k.inv_gamma);
-    const InverseLanes<acc> inv{s.param(0, L), s.param(1, L), slope_a, inv_slope};
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    // lanes: 0-1 the summed channel's beta and 1 / gamma; 2-6 the channel whose grad_x is written: coef,
+    // mean_dz, mean_dz_xhat, beta, 1 / gamma
+    Scratch<scalar_t> s(L, 7, kBlockValues);
+    const InverseLanes<acc> summed{s.param(0, L), s.param(1, L), slope_a, inv_slope};
+    const GradLanes<acc> grad{{s.param(5, L), s.param(6, L), slope_a, inv_slope}, s.param(2, L), s.param(3, L),
+                              s.param(4, L)};
+    ChannelInverse<acc> k{};
     double sum_dz = 0, sum_dz_xhat = 0;
-    for_each_channel_block(g, c, [&](int64_t off, int64_t n) {
-      add_backward_sums(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), n, L, inv,
+    const auto sums = [&](int64_t c, int64_t j, int64_t off, int64_t n) {
+      if (j == 0) {
+        k = channel_inverse(wp, bp, c, eps);
+        fill_channel(s.param(0, L), L, k.beta);
+        fill_channel(s.param(1, L), L, k.inv_gamma);
+        sum_dz = sum_dz_xhat = 0;
+      }
+      add_backward_sums(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), n, L, summed,
                         s.s1.data(), s.s2.data());
       fold_all_lanes(s.s1.data(), L, sum_dz);
       fold_all_lanes(s.s2.data(), L, sum_dz_xhat);
-    });
-    const auto consts = outs.finish(c, static_cast<acc>(wp[c]), k.gamma, sum_dz, sum_dz_xhat);
-    if (gxp == nullptr) return;
-    for (int64_t i = 0; i < 3; ++i) fill_channel(s.param(2 + i, L), L, consts[i]);
-    const GradLanes<acc> p{inv, s.param(2, L), s.param(3, L), s.param(4, L)};
-    for_each_channel_block_reversed(g, c, [&](int64_t off, int64_t n) {
+    };
+    const auto finish = [&](int64_t c) {
+      const auto consts = outs.finish(c, static_cast<acc>(wp[c]), k.gamma, sum_dz, sum_dz_xhat);
+      for (int64_t i = 0; i < 3; ++i) fill_channel(s.param(2 + i, L), L, consts[i]);
+      fill_channel(s.param(5, L), L, k.beta);
+      fill_channel(s.param(6, L), L, k.inv_gamma);
+    };
+    const auto apply = [&](int64_t, int64_t off, int64_t n) {
+      if (gxp == nullptr) return;
       acc* out = run_target(gxp + off, s.out.data());
-      grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, p, stream);
+      grad_x_run(load_run(yp + off, n, s.in0.data()), load_run(gp + off, n, s.in1.data()), out, n, L, grad, stream);
       store_run(out, gxp + off, n);
-    });
+    };
+    pipelined_channel_passes(g, c0, c1, sums, finish, apply);
     if (stream) stream_fence();
   });
 }
