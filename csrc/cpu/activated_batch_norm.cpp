@@ -263,9 +263,11 @@ inline int64_t block_capacity(const Geometry& g, int64_t L) {
 // the elementwise pass over channel c. Alone, the sums pass only reads from memory and the elementwise
 // pass reads from L2 and only writes to memory: the bus carries one direction at a time and each core
 // has a few dozen lines in flight for it. Interleaved, the reads of one channel overlap the writes of
-// the other, as in a tensor copy. The elementwise pass walks its channel backwards: the blocks the sums
-// pass read last are the ones still in L2 when a channel's working set (B * H * W values per input)
-// exceeds it, where a forward re-walk would miss on every line under LRU replacement.
+// the other, as in a tensor copy. Measured on an Intel Xeon (AVX-512, 2 threads, caches flushed before
+// each call, alternating builds): fwd+bwd at DIN's shapes -3 to -14%, the forward alone unchanged.
+// The elementwise pass walks its channel backwards: the blocks the sums pass read last are the ones still
+// in L2 when a channel's working set (B * H * W values per input) exceeds it, where a forward re-walk
+// would miss on every line under LRU replacement.
 //   sums(c, j, offset, n): block j of channel c (j = 0 first); finish(c): after c's last block;
 //   apply(c, offset, n): a block of channel c, after finish(c).
 template <typename Sums, typename Finish, typename Apply>
