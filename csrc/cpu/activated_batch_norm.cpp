@@ -273,6 +273,7 @@ inline int64_t block_capacity(const Geometry& g, int64_t L) {
 template <typename Sums, typename Finish, typename Apply>
 inline void pipelined_channel_passes(const Geometry& g, int64_t c0, int64_t c1, const Sums& sums,
                                      const Finish& finish, const Apply& apply) {
+  if (c0 >= c1) return;
   const int64_t per_row = (g.HW + kBlockValues - 1) / kBlockValues, blocks = g.B * per_row;
   const auto offset = [&](int64_t c, int64_t j) { return (j / per_row * g.C + c) * g.HW + j % per_row * kBlockValues; };
   const auto size = [&](int64_t j) { return std::min(kBlockValues, g.HW - j % per_row * kBlockValues); };
