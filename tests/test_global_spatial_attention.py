@@ -69,8 +69,9 @@ def test_cpu_several_tiles_per_image(dtype, layout):
 
 # Calls touching >= 16 MiB write their output with streaming stores (csrc/include/medattn/stream_store.h):
 # 8.6 MB per map here, 2 maps forward (3 with y) and 3 backward. HW = 16770 is not a multiple of the
-# vector width, so channel rows alternate between aligned starts (streamed) and unaligned ones (normal
-# stores), and every row ends in a partial vector.
+# vector width, so channel rows start at every offset within a line (normal stores up to the row's first
+# whole line, streaming stores for its whole lines, normal ones for the partial line at its end), and every
+# row ends in a partial vector.
 @pytest.mark.parametrize("dtype, channels", [(torch.float32, 64), (torch.float64, 32)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("two_inputs", [False, True])

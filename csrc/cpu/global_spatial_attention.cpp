@@ -110,17 +110,27 @@ struct TileScratch {
         out(run_buffer<scalar_t>(run)), stream(stream_out) {}
 };
 
-// sums[p] = sum_c in[c][p] over an NCHW tile (rows of P values, HW apart).
+// sums[p] = sum_c in[c][p] over an NCHW tile (rows of P values, HW apart). Four channel rows per sweep over
+// the sums: a sweep loads and stores every running sum, so grouping quarters that traffic, which with the
+// tile in L3 or L2 costs as much as the rows' own loads.
 template <typename scalar_t, typename acc>
 void channel_sums_nchw(const scalar_t* in, int64_t C, int64_t HW, int64_t P, acc* sums, acc* tmp) {
   using Vec = Vectorized<acc>;
   std::fill(sums, sums + padded<acc>(P), acc(0));
-  for (int64_t c = 0; c < C; ++c) {
-    const acc* row = load_run(in + c * HW, P, tmp);
-    for (int64_t p = 0; p < P; p += Vec::size()) {
-      const int64_t n = std::min<int64_t>(Vec::size(), P - p);
-      (Vec::loadu(sums + p) + Vec::loadu(row + p, n)).store(sums + p);
+  int64_t c = 0;
+  if constexpr (!converts_runs<scalar_t>) {
+    for (; c + 4 <= C; c += 4) {
+      const acc* r = in + c * HW;
+      for_vectors<acc>(P, [&](int64_t p, int64_t n) {
+        const Vec a = Vec::loadu(r + p, n) + Vec::loadu(r + HW + p, n);
+        const Vec b = Vec::loadu(r + 2 * HW + p, n) + Vec::loadu(r + 3 * HW + p, n);
+        (Vec::loadu(sums + p) + (a + b)).store(sums + p);
+      });
     }
+  }
+  for (; c < C; ++c) {
+    const acc* row = load_run(in + c * HW, P, tmp);
+    for_vectors<acc>(P, [&](int64_t p, int64_t n) { (Vec::loadu(sums + p) + Vec::loadu(row + p, n)).store(sums + p); });
   }
 }
 
@@ -129,7 +139,7 @@ template <typename acc>
 inline acc pixel_sum(const acc* v, int64_t n) {
   using Vec = Vectorized<acc>;
   Vec s(0);
-  for (int64_t c = 0; c < n; c += Vec::size()) s = s + Vec::loadu(v + c, std::min<int64_t>(Vec::size(), n - c));
+  for_vectors<acc>(n, [&](int64_t c, int64_t count) { s = s + Vec::loadu(v + c, count); });
   return lane_sum(s);
 }
 
@@ -143,25 +153,36 @@ inline acc pixel_sum(const acc* v, int64_t n) {
 // are one contiguous run, which the hardware prefetchers follow: fetching them measured within +-10%.)
 template <typename scalar_t>
 struct NextTile {
-  const scalar_t* maps[3] = {nullptr, nullptr, nullptr};  // each input at row 0 of the tile; null: none
+  // One channel row of the next tile in every input: fetch(offset) prefetches the line at byte `offset` of
+  // each (offsets past the row: nothing). Called once per output vector, so a step narrower than a line,
+  // as on AVX2, fetches its line twice: cheaper than a test per step.
+  struct Row {
+    const char* rows[3];
+    int n;
+    int64_t bytes;
+    void fetch(int64_t offset) const {
+      if (offset >= bytes) return;
+      for (int m = 0; m < n; ++m) prefetch_line_l2(rows[m] + offset);
+    }
+  };
+
+  const scalar_t* maps[3] = {nullptr, nullptr, nullptr};  // each input at row 0 of the tile
+  int n_maps = 0;
   int64_t HW = 0;
-  int64_t bytes = 0;  // of each channel row of the tile
+  int64_t bytes = 0;  // of each channel row of the tile; 0: no next tile
 
   NextTile() = default;  // no next tile
   // Pixels [p0, p1) of image b of up to three inputs (null: absent).
   NextTile(int64_t C, int64_t HW_, int64_t b, int64_t p0, int64_t p1, std::initializer_list<const scalar_t*> inputs)
       : HW(HW_), bytes((p1 - p0) * static_cast<int64_t>(sizeof(scalar_t))) {
-    int m = 0;
-    for (const scalar_t* in : inputs) maps[m++] = in ? in + b * C * HW + p0 : nullptr;
+    for (const scalar_t* in : inputs)
+      if (in != nullptr) maps[n_maps++] = in + b * C * HW + p0;
   }
 
-  // Fetches bytes [from, to) of channel row c of every input, a prefetch per 64-byte line from `from`
-  // on (a step narrower than a line, as on AVX2, fetches its line twice: cheaper than a branch per step).
-  void fetch(int64_t c, int64_t from, int64_t to) const {
-    to = std::min(to, bytes);
-    if (to <= from) return;
-    for (const scalar_t* m : maps)
-      if (m != nullptr) prefetch_l2(reinterpret_cast<const char*>(m + c * HW) + from, to - from);
+  Row row(int64_t c) const {
+    Row r{{nullptr, nullptr, nullptr}, n_maps, bytes};
+    for (int m = 0; m < n_maps; ++m) r.rows[m] = reinterpret_cast<const char*>(maps[m] + c * HW);
+    return r;
   }
 };
 
@@ -184,17 +205,22 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
     gates_of(gates[i], gates[i], P, inv_c);
   }
   // out = x * gate_x (+ y * gate_y): per channel row over pixels (NCHW), per pixel over channels (NHWC).
+  // fetch(j) runs once per output vector at lane j (NCHW: the next tile's line at the same byte offset).
   const auto write = [&](const scalar_t* x, const scalar_t* y, scalar_t* o, int64_t n, const auto& gate_x,
-                         const auto& gate_y, int64_t fetch_row) {
+                         const auto& gate_y, const auto& fetch) {
     const acc* xv = load_run(x, n, s.in0.data());
-    const acc* yv = y ? load_run(y, n, s.in1.data()) : nullptr;
     acc* ov = run_target(o, s.out.data());
-    for (int64_t j = 0; j < n; j += Vec::size()) {
-      const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
-      if constexpr (L == Layout::NCHW) next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
-      Vec r = Vec::loadu(xv + j, cnt) * gate_x(j);
-      if (yv) r = at::vec::fmadd(Vec::loadu(yv + j, cnt), gate_y(j), r);
-      store_maybe_streaming(ov + j, r, cnt, s.stream);
+    if (y == nullptr) {
+      write_run(ov, n, s.stream, [&](int64_t j, int64_t cnt) {
+        fetch(j);
+        return Vec::loadu(xv + j, cnt) * gate_x(j);
+      });
+    } else {
+      const acc* yv = load_run(y, n, s.in1.data());
+      write_run(ov, n, s.stream, [&](int64_t j, int64_t cnt) {
+        fetch(j);
+        return at::vec::fmadd(Vec::loadu(yv + j, cnt), gate_y(j), Vec::loadu(xv + j, cnt) * gate_x(j));
+      });
     }
     store_run(ov, o, n);
   };
@@ -204,13 +230,15 @@ void forward_tile(const scalar_t* const* inputs, int n_inputs, scalar_t* out, in
     const auto gate_y = [&](int64_t j) { return Vec::loadu(gates[1] + j); };
     for (int64_t c = 0; c < C; ++c) {
       const int64_t off = c * HW + p0;
-      write(inputs[0] + off, y ? y + off : nullptr, out + off, P, gate_x, gate_y, c);
+      const auto row = next.row(c);
+      write(inputs[0] + off, y ? y + off : nullptr, out + off, P, gate_x, gate_y,
+            [&](int64_t j) { row.fetch(j * kBytes); });
     }
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const Vec gx(gates[0][p - p0]), gy(n_inputs > 1 ? gates[1][p - p0] : acc(0));
       write(inputs[0] + p * C, y ? y + p * C : nullptr, out + p * C, C, [&](int64_t) { return gx; },
-            [&](int64_t) { return gy; }, 0);
+            [&](int64_t) { return gy; }, [](int64_t) {});
     }
   }
 }
@@ -234,16 +262,32 @@ void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* con
       std::fill(gate[i], gate[i] + padded<acc>(P), acc(0));
       std::fill(coef[i], coef[i] + padded<acc>(P), acc(0));
     }
-    for (int64_t c = 0; c < C; ++c) {
+    int64_t c = 0;
+    if constexpr (!converts_runs<scalar_t>) {
+      // Two channel rows per sweep over the running sums (as channel_sums_nchw does with four: here each
+      // row brings two loads, of g and of x, and each sweep two sums to load and store).
+      for (; c + 2 <= C; c += 2) {
+        const scalar_t* gr = g + c * HW + p0;
+        for (int i = 0; i < n_inputs; ++i) {
+          const scalar_t* xr = maps[i] + c * HW + p0;
+          for_vectors<acc>(P, [&](int64_t p, int64_t n) {
+            const Vec x0 = Vec::loadu(xr + p, n), x1 = Vec::loadu(xr + HW + p, n);
+            (Vec::loadu(gate[i] + p) + (x0 + x1)).store(gate[i] + p);
+            const Vec gx = at::vec::fmadd(x1, Vec::loadu(gr + HW + p, n), x0 * Vec::loadu(gr + p, n));
+            (Vec::loadu(coef[i] + p) + gx).store(coef[i] + p);
+          });
+        }
+      }
+    }
+    for (; c < C; ++c) {
       const acc* gr = load_run(g + c * HW + p0, P, s.in1.data());
       for (int i = 0; i < n_inputs; ++i) {
         const acc* xr = load_run(maps[i] + c * HW + p0, P, map_buf[i]);
-        for (int64_t p = 0; p < P; p += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), P - p);
+        for_vectors<acc>(P, [&](int64_t p, int64_t n) {
           const Vec xv = Vec::loadu(xr + p, n);
           (Vec::loadu(gate[i] + p) + xv).store(gate[i] + p);
           at::vec::fmadd(xv, Vec::loadu(gr + p, n), Vec::loadu(coef[i] + p)).store(coef[i] + p);
-        }
+        });
       }
     }
   } else {
@@ -252,12 +296,11 @@ void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* con
       const acc* xt = load_run(maps[i] + p0 * C, P * C, map_buf[i]);
       for (int64_t p = 0; p < P; ++p) {
         Vec sx(0), sgx(0);
-        for (int64_t c = 0; c < C; c += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+        for_vectors<acc>(C, [&](int64_t c, int64_t n) {
           const Vec xv = Vec::loadu(xt + p * C + c, n);
           sx = sx + xv;
           sgx = at::vec::fmadd(xv, Vec::loadu(gt + p * C + c, n), sgx);
-        }
+        });
         gate[i][p] = lane_sum(sx);
         coef[i][p] = lane_sum(sgx);
       }
@@ -270,30 +313,35 @@ void backward_tile(const scalar_t* g, const scalar_t* const* maps, scalar_t* con
       (Vec::loadu(coef[i] + p) * sv * (Vec(1) - sv) * Vec(inv_c)).store(coef[i] + p);
     }
   }
-  // grad_i = g * s_i + coef_i, for every map from one read of g
-  const auto write = [&](int64_t g_off, int64_t n, const auto& s_at, const auto& coef_at, int64_t fetch_row) {
+  // grad_i = g * s_i + coef_i, for every map from one read of g. fetch(j) as in forward_tile, during the
+  // first map's pass.
+  const auto write = [&](int64_t g_off, int64_t n, const auto& s_at, const auto& coef_at, const auto& fetch) {
     const acc* gv = load_run(g + g_off, n, s.in1.data());
     for (int i = 0; i < n_inputs; ++i) {
       acc* ov = run_target(grads[i] + g_off, s.out.data());
-      for (int64_t j = 0; j < n; j += Vec::size()) {
-        const int64_t cnt = std::min<int64_t>(Vec::size(), n - j);
-        if constexpr (L == Layout::NCHW)
-          if (i == 0) next.fetch(fetch_row, j * kBytes, (j + Vec::size()) * kBytes);
-        store_maybe_streaming(ov + j, at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(i, j), coef_at(i, j)), cnt,
-                              s.stream);
-      }
+      if (i == 0)
+        write_run(ov, n, s.stream, [&](int64_t j, int64_t cnt) {
+          fetch(j);
+          return at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(0, j), coef_at(0, j));
+        });
+      else
+        write_run(ov, n, s.stream, [&](int64_t j, int64_t cnt) {
+          return at::vec::fmadd(Vec::loadu(gv + j, cnt), s_at(i, j), coef_at(i, j));
+        });
       store_run(ov, grads[i] + g_off, n);
     }
   };
   if constexpr (L == Layout::NCHW) {
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t c = 0; c < C; ++c) {
+      const auto row = next.row(c);
       write(c * HW + p0, P, [&](int i, int64_t j) { return Vec::loadu(gate[i] + j); },
-            [&](int i, int64_t j) { return Vec::loadu(coef[i] + j); }, c);
+            [&](int i, int64_t j) { return Vec::loadu(coef[i] + j); }, [&](int64_t j) { row.fetch(j * kBytes); });
+    }
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const Vec sv[2] = {Vec(gate[0][p - p0]), Vec(n_inputs > 1 ? gate[1][p - p0] : acc(0))};
       const Vec cv[2] = {Vec(coef[0][p - p0]), Vec(n_inputs > 1 ? coef[1][p - p0] : acc(0))};
-      write(p * C, C, [&](int i, int64_t) { return sv[i]; }, [&](int i, int64_t) { return cv[i]; }, 0);
+      write(p * C, C, [&](int i, int64_t) { return sv[i]; }, [&](int i, int64_t) { return cv[i]; }, [](int64_t) {});
     }
   }
 }

@@ -13,6 +13,14 @@
 namespace medattn {
 inline namespace CPU_CAPABILITY {  // one copy per ISA pass: no cross-pass ODR merging
 
+// One line (the one holding p) into L2; kept by the same empty asm when GCC inlines it into a loop.
+inline void prefetch_line_l2(const void* p) {
+  __builtin_prefetch(p, 0, 2);
+#if defined(__GNUC__)
+  asm volatile("" : : "r"(p));
+#endif
+}
+
 inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* line = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) {

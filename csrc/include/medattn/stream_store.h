@@ -16,6 +16,7 @@
 #include "medattn/acc_run.h"   // converts_runs
 #include "medattn/vec_math.h"  // Vectorized
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -39,22 +40,51 @@ inline bool streaming_pays(int64_t bytes) {
   return !converts_runs<scalar_t> && bytes >= kStreamingBytes;
 }
 
+// A non-temporal store of a whole vector at a vector-aligned p (AVX2 / AVX-512 passes; a normal store in
+// the DEFAULT pass).
+template <typename T>
+inline void store_streaming(T* p, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
+#endif
+  v.store(p);
+}
+
 // Stores the first n lanes of v at p; with `stream`, a whole aligned vector bypasses the caches.
 template <typename T>
 inline void store_maybe_streaming(T* p, const Vectorized<T>& v, int64_t n, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (stream && n == Vectorized<T>::size() && reinterpret_cast<uintptr_t>(p) % sizeof(Vectorized<T>) == 0) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
-    if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
-#else
-    if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
-    if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
-#endif
-  }
-#endif
-  (void)stream;
+  if (stream && n == Vectorized<T>::size() && reinterpret_cast<uintptr_t>(p) % sizeof(Vectorized<T>) == 0)
+    return store_streaming(p, v);
   v.store(p, n);
+}
+
+// Writes o[0, n) = value(j, count), the vector of lanes [j, j + count), in the shape an output pass over a
+// run wants: whole vectors with a constant count (medattn/vec_math.h, for_vectors), one partial vector at
+// the end. With `stream`, the run's whole 64-byte lines take streaming stores and the partial lines at its
+// two ends normal ones, so a run at any offset (an NCHW row at an odd pixel offset, a channels_last pixel)
+// streams, and no line is ever written in part by streaming stores: a write-combining buffer flushed with
+// part of its line costs a partial write to memory (AVX2's 32-byte vectors, two per line, did that to the
+// lines a run starts or ends in). Per vector that is the arithmetic, the loads and one store.
+template <typename T, typename Value>
+inline void write_run(T* o, int64_t n, bool stream, const Value& value) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kLine = 64;
+  constexpr int64_t kVectorsPerLine = kLine / static_cast<int64_t>(sizeof(Vec));  // 1 (AVX-512), 2 (AVX2)
+  const auto normal = [&](int64_t from, int64_t to) {
+    for_vectors<T>(to - from, [&](int64_t j, int64_t count) { value(from + j, count).store(o + from + j, count); });
+  };
+  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(o) % kLine;
+  if (!stream || kVectorsPerLine < 1 || misaligned % sizeof(T) != 0) return normal(0, n);
+  const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((kLine - misaligned) % kLine / sizeof(T)));
+  const int64_t lines_end = head + (n - head) / (kVectorsPerLine * V) * (kVectorsPerLine * V);
+  normal(0, head);
+  for (int64_t j = head; j < lines_end; j += V) store_streaming(o + j, value(j, V));
+  normal(lines_end, n);
 }
 
 // Orders this thread's streamed stores before whatever follows (the parallel region's join).

@@ -183,6 +183,18 @@ inline Vectorized<T> max_ignoring_nan(const Vectorized<T>& m, const Vectorized<T
     return Vectorized<T>::blendv(m, x, x > m);
 }
 
+// body(j, count) over [0, n) in vectors: every whole vector with count = Vectorized<T>::size(), a constant once
+// inlined (so `Vectorized::loadu(p, count)` folds to one unaligned load: no per-vector count test), then one
+// partial vector for the last n % size values. For the memory-bound passes, where the per-vector test cost
+// more than the arithmetic when the data sat in L3.
+template <typename T, typename Body>
+inline void for_vectors(int64_t n, const Body& body) {
+  constexpr int64_t V = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + V <= n; j += V) body(j, V);
+  if (j < n) body(j, n - j);
+}
+
 // Horizontal sum / max of a vector's lanes as a pairwise tree (lane i with lane i + W/2, then W/4, ...): a fixed
 // order, so results are the same run to run, and log2(W) dependent steps instead of W - 1 (the serial chain of
 // 15 adds, ~45 cycles with AVX-512, ran once per score row and key block in the attention forward).
