@@ -355,14 +355,28 @@ def device_name(device: str) -> str:
     """The machine in words: GPU name, or CPU model, the ISA pass of the C++ kernels and the thread count."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or "CPU"
+    from .. import isa
+    return f"{cpu_model()}, ISA pass {isa.cpu_isa() or 'n/a (no _C)'}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers: cloud VMs often name only the vendor's line
+    ("AMD EPYC"), and the numbers tell a Zen 4 (family 25) from a Zen 5 (family 26), which differ in what
+    our kernels and MKL's reach."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    from .. import isa
-    return f"{model}, ISA pass {isa.cpu_isa() or 'n/a (no _C)'}, {torch.get_num_threads()} threads"
+    model = fields.get("model name") or platform.processor() or "CPU"
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
+    return model
 
 
 # --------------------------------------------------------------------------------------------- output
