@@ -110,11 +110,12 @@ def test_cpu_channels_last_matches_reference(shape, kernel, dilation, padding):
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
 
 
-# NCHW float32 with C a multiple of 16 and at least 9 x 9 taps runs, in the AVX-512 pass, through 16-channel
-# NHWC slabs (16 x 16 transposes in and out, the NHWC strip kernel between; forward and grad input). W
-# below, at and between multiples of 16 (the transposes' column blocks) and of the strip widths; row tiles of
-# 1 and 2 rows and whole planes; dilation; rectangular kernels; padding beyond the reach and "valid". On the
-# other passes (and other dtypes) these are more cases of the NCHW row kernel.
+# NCHW float32 with C a multiple of 16 and at least 9 x 9 taps (26 x 26 on AMD CPUs) runs, in the AVX-512
+# pass, through 16-channel NHWC slabs (16 x 16 transposes in and out, the NHWC strip kernel between; forward
+# and grad input). Both paths on every machine: MEDATTN_DEPTHWISE_NCHW forces one. W below, at and between
+# multiples of 16 (the transposes' column blocks) and of the strip widths; row tiles of 1 and 2 rows and whole
+# planes; dilation; rectangular kernels; padding beyond the reach and "valid". On the other passes (and other
+# dtypes) these are more cases of the NCHW row kernel.
 BLOCKED_CASES = [
     ((1, 16, 9, 5), (9, 9), 1, None),            # W below a column block and below the kernel
     ((2, 32, 19, 16), (13, 13), 1, None),        # W one column block, slab 28 wide
@@ -131,9 +132,18 @@ BLOCKED_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p
 
 @pytest.mark.parametrize("shape, kernel, dilation, padding", BLOCKED_CASES, ids=BLOCKED_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
-def test_cpu_nchw_16_channel_slabs_match_reference(shape, kernel, dilation, padding, layout):
+@pytest.mark.parametrize("nchw_path", ["slabs", "rows"])
+def test_cpu_nchw_16_channel_slabs_match_reference(shape, kernel, dilation, padding, layout, nchw_path, monkeypatch):
+    monkeypatch.setenv("MEDATTN_DEPTHWISE_NCHW", nchw_path)
     out, _ = run_parity("cpu", shape, kernel, dilation, padding, layout=layout, bias=layout == "contiguous")
     assert out.is_contiguous()
+
+
+def test_cpu_nchw_path_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("MEDATTN_DEPTHWISE_NCHW", "slab")
+    x, w = make_tensor((1, 16, 9, 9)), make_tensor((16, 1, 9, 9))
+    with pytest.raises(RuntimeError, match="MEDATTN_DEPTHWISE_NCHW: expected 'slabs' or 'rows', got 'slab'"):
+        mk.depthwise_conv2d(x, w, backend="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

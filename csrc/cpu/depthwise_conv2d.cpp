@@ -21,8 +21,9 @@
 //    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
 //    (the row tiling depends on the shape only).
 //
-// AVX-512, float32, C a multiple of 16, at least 9 x 9 taps: NCHW is computed through 16-channel NHWC slabs
-// and the NHWC strip kernel (correlate_planes_blocked), whose loads are whole aligned lines.
+// AVX-512, float32, C a multiple of 16, at least 9 x 9 taps (26 x 26 on AMD CPUs): NCHW is computed through
+// 16-channel NHWC slabs and the NHWC strip kernel (correlate_planes_blocked), whose loads are whole aligned
+// lines.
 //
 // Layouts: NCHW is used as is; channels_last x with C >= one vector runs the native NHWC kernels below
 // (vectorised over C, no layout copy); other strided inputs (and channels_last with fewer channels) are
@@ -32,6 +33,7 @@
 #include "medattn/transpose.h"  // transpose_16x16
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -806,6 +808,19 @@ void with_tap_block(int64_t KW, F&& f) {
   with_count<kTapBlock>(tap_groups(KW).T, f);
 }
 
+// MEDATTN_DEPTHWISE_NCHW=slabs / rows forces either NCHW path of the AVX-512 pass (float32, C a multiple of
+// 16; see blocked_nchw_pays): the tests run both on every AVX-512 machine, and one can time one against the
+// other on a new CPU. Read on each call, checked in every pass.
+enum class NchwPath { kAuto, kSlabs, kRows };
+
+inline NchwPath forced_nchw_path() {
+  const char* forced = std::getenv("MEDATTN_DEPTHWISE_NCHW");
+  if (forced == nullptr || *forced == '\0') return NchwPath::kAuto;
+  if (std::strcmp(forced, "slabs") == 0) return NchwPath::kSlabs;
+  if (std::strcmp(forced, "rows") == 0) return NchwPath::kRows;
+  TORCH_CHECK(false, "MEDATTN_DEPTHWISE_NCHW: expected 'slabs' or 'rows', got '", forced, "'");
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // ---- NCHW through the NHWC strip kernel (AVX-512, float, C a multiple of 16)
 //
@@ -831,8 +846,23 @@ constexpr int64_t kBlockedMinTaps = 81;
 // -1 to -2% (Intel Xeon, alternating builds, caches flushed).
 constexpr int64_t kMinBlockedItems = 16;
 
-inline bool blocked_nchw_pays(int64_t C, const Geometry& g) {
-  return C % 16 == 0 && g.KH * g.KW >= kBlockedMinTaps;
+// On AMD (measured on a Zen 5, family 26) the row kernel's line-splitting loads cost less and the
+// transposes more: (8, 64, 56, 56) per 64 channels, the row kernel against the slabs, same process,
+// two rounds: forward K = 9 0.94-0.95 vs 1.12-1.17 ms, K = 11 1.13-1.14 vs 1.32-1.33, K = 13 1.42-1.47 vs
+// 1.58-1.60, K = 21 3.30-3.39 vs 3.45-3.51, K = 31 6.91-7.08 vs 6.79-6.90; fwd+bwd (grad input takes the
+// same path) 0.89-0.98x of the slabs' time up to K = 21, 1.00-1.06x at K = 31. So on AMD the slabs start
+// between 21 x 21 and 31 x 31 taps. (A Zen 4's 512-bit loads are split in two 256-bit halves anyway; its
+// slab timings were never measured: it takes the Zen 5's threshold.)
+constexpr int64_t kBlockedMinTapsAmd = 26 * 26;
+
+inline bool blocked_nchw_pays(int64_t C, const Geometry& g, NchwPath forced) {
+  if (C % 16 != 0 || forced == NchwPath::kRows) return false;
+  if (forced == NchwPath::kSlabs) return true;
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return g.KH * g.KW >= (amd ? kBlockedMinTapsAmd : kBlockedMinTaps);
 }
 
 inline float* align64(float* p) {
@@ -927,9 +957,10 @@ template <typename scalar_t>
 void correlate_nchw(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w, const acc_t<scalar_t>* bias,
                     int64_t B, int64_t C, int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
                     int64_t row_origin, int64_t col_origin, const Geometry& g) {
+  const NchwPath forced = forced_nchw_path();
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (blocked_nchw_pays(C, g)) {
+    if (blocked_nchw_pays(C, g, forced)) {
       with_tap_block(g.KW, [&](auto T) {
         correlate_planes_blocked<T>(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin,
                                     col_origin, g);
@@ -938,6 +969,7 @@ void correlate_nchw(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w
     }
   }
 #endif
+  (void)forced;
   correlate_planes<scalar_t>(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin,
                              col_origin, g);
 }
