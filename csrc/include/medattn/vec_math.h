@@ -185,8 +185,7 @@ inline Vectorized<T> max_ignoring_nan(const Vectorized<T>& m, const Vectorized<T
 
 // body(j, count) over [0, n) in vectors: every whole vector with count = Vectorized<T>::size(), a constant once
 // inlined (so `Vectorized::loadu(p, count)` folds to one unaligned load: no per-vector count test), then one
-// partial vector for the last n % size values. For the memory-bound passes, where the per-vector test cost
-// more than the arithmetic when the data sat in L3.
+// partial vector for the last n % size values.
 template <typename T, typename Body>
 inline void for_vectors(int64_t n, const Body& body) {
   constexpr int64_t V = Vectorized<T>::size();
