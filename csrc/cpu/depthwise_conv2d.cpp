@@ -851,8 +851,7 @@ constexpr int64_t kMinBlockedItems = 16;
 // two rounds: forward K = 9 0.94-0.95 vs 1.12-1.17 ms, K = 11 1.13-1.14 vs 1.32-1.33, K = 13 1.42-1.47 vs
 // 1.58-1.60, K = 21 3.30-3.39 vs 3.45-3.51, K = 31 6.91-7.08 vs 6.79-6.90; fwd+bwd (grad input takes the
 // same path) 0.89-0.98x of the slabs' time up to K = 21, 1.00-1.06x at K = 31. So on AMD the slabs start
-// between 21 x 21 and 31 x 31 taps. (A Zen 4's 512-bit loads are split in two 256-bit halves anyway; its
-// slab timings were never measured: it takes the Zen 5's threshold.)
+// between 21 x 21 and 31 x 31 taps. (A Zen 4 was not timed on either path: it takes the Zen 5's threshold.)
 constexpr int64_t kBlockedMinTapsAmd = 26 * 26;
 
 inline bool blocked_nchw_pays(int64_t C, const Geometry& g, NchwPath forced) {

@@ -74,12 +74,13 @@ inline void write_run(T* o, int64_t n, bool stream, const Value& value) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t kLine = 64;
+  static_assert(sizeof(Vec) <= kLine, "a vector wider than a cache line");
   constexpr int64_t kVectorsPerLine = kLine / static_cast<int64_t>(sizeof(Vec));  // 1 (AVX-512), 2 (AVX2)
   const auto normal = [&](int64_t from, int64_t to) {
     for_vectors<T>(to - from, [&](int64_t j, int64_t count) { value(from + j, count).store(o + from + j, count); });
   };
   const uintptr_t misaligned = reinterpret_cast<uintptr_t>(o) % kLine;
-  if (!stream || kVectorsPerLine < 1 || misaligned % sizeof(T) != 0) return normal(0, n);
+  if (!stream || misaligned % sizeof(T) != 0) return normal(0, n);
   const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((kLine - misaligned) % kLine / sizeof(T)));
   const int64_t lines_end = head + (n - head) / (kVectorsPerLine * V) * (kVectorsPerLine * V);
   normal(0, head);
