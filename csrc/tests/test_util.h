@@ -25,11 +25,14 @@ inline double rel_error(const at::Tensor& a, const at::Tensor& b) {
   return denom > 0 ? err / denom : err;
 }
 
-inline void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, const std::string& what) {
-  const double err = rel_error(a, b);
-  const bool ok = err <= tol && a.sizes() == b.sizes();
+inline void expect_error_within(double err, double tol, const std::string& what, bool shapes_match = true) {
+  const bool ok = err <= tol && shapes_match;
   std::printf("%s %s: rel err %.3e (tol %.1e)\n", ok ? "ok  " : "FAIL", what.c_str(), err, tol);
   if (!ok) ++failures;
+}
+
+inline void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, const std::string& what) {
+  expect_error_within(rel_error(a, b), tol, what, a.sizes() == b.sizes());
 }
 
 inline void expect(bool ok, const std::string& what) {
