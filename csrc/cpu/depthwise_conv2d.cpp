@@ -30,6 +30,7 @@
 // copied to NCHW first and the output converted back to channels_last when x was channels_last.
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
+#include "medattn/static_for.h"  // static_for, MEDATTN_ALWAYS_INLINE
 #include "medattn/transpose.h"  // transpose_16x16
 
 #include <algorithm>
@@ -59,7 +60,6 @@ typedef double half_f64 __attribute__((vector_size(kVecBytes / 2)));
 typedef int32_t mask_f32 __attribute__((vector_size(kVecBytes)));
 typedef int64_t mask_f64 __attribute__((vector_size(kVecBytes)));
 
-#define MEDATTN_ALWAYS_INLINE __attribute__((always_inline)) inline
 #define MEDATTN_UNROLL _Pragma("GCC unroll 64")
 
 template <typename acc>
@@ -149,12 +149,6 @@ MEDATTN_ALWAYS_INLINE void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-// Calls f(std::integral_constant<int, i>) for i = 0 .. n - 1 (unrolled at compile time).
-template <int n, typename F>
-MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
-  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
-      std::make_integer_sequence<int, n>{});
-}
 
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
 // that there are about min_items items. Depends on the shape only (determinism of grad weight).

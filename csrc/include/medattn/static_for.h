@@ -1,0 +1,18 @@
+// Compile-time unrolling for register blocks: an array of vectors indexed only by compile-time constants
+// stays in registers (GCC kept a run-time-indexed one in stack memory, see csrc/cpu/depthwise_conv2d.cpp).
+#pragma once
+
+#include <utility>
+
+#define MEDATTN_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace medattn {
+
+// Calls f(std::integral_constant<int, i>) for i = 0 .. n - 1 (unrolled at compile time).
+template <int n, typename F>
+MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
+  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
+      std::make_integer_sequence<int, n>{});
+}
+
+}  // namespace medattn
