@@ -190,9 +190,9 @@ void grad_x_run(const acc* y, const acc* g, acc* out, int64_t n, int64_t L, cons
 // NCHW runs hold one channel: its constants are broadcasts, and a block's kChains partial sums of each kind
 // stay in registers. (The period-lane loops above, which channels_last needs, load every constant and load
 // and store every partial sum per vector; on NCHW maps in L3, on a Zen 5, their sums pass took 3.7x the time
-// of ATen's per-channel sum.) terms(j, count, a, b, c) gives the vector at j: s1 += a, s2 += b * c, with
-// lanes past count zeroed here. The block's partial sums are then added as vectors, their lanes summed,
-// and the result added in double.
+// of ATen's per-channel sum.) terms(j, count, addend, lhs, rhs) gives the vector at j: s1 += addend,
+// s2 += lhs * rhs, with lanes past count zeroed here. The block's partial sums are then added as vectors,
+// their lanes summed, and the result added in double.
 template <typename acc, typename Terms>
 inline void block_sums_nchw(int64_t n, const Terms& terms, double& total1, double& total2) {
   using Vec = Vectorized<acc>;
@@ -200,15 +200,15 @@ inline void block_sums_nchw(int64_t n, const Terms& terms, double& total1, doubl
   Vec s1[kChains], s2[kChains];
   static_for<kChains>([&](auto u) { s1[u] = s2[u] = Vec(0); });
   const auto add = [&](auto u, int64_t j, int64_t count) {
-    Vec a, b, c;
-    terms(j, count, a, b, c);
+    Vec addend, lhs, rhs;
+    terms(j, count, addend, lhs, rhs);
     if (count < V) {
-      a = Vec::set(Vec(0), a, count);
-      b = Vec::set(Vec(0), b, count);
-      c = Vec::set(Vec(0), c, count);
+      addend = Vec::set(Vec(0), addend, count);
+      lhs = Vec::set(Vec(0), lhs, count);
+      rhs = Vec::set(Vec(0), rhs, count);
     }
-    s1[u] = s1[u] + a;
-    s2[u] = at::vec::fmadd(b, c, s2[u]);
+    s1[u] = s1[u] + addend;
+    s2[u] = at::vec::fmadd(lhs, rhs, s2[u]);
   };
   int64_t i = 0;
   for (; i + kChains * V <= n; i += kChains * V) static_for<kChains>([&](auto u) { add(u, i + u * V, V); });
@@ -376,8 +376,9 @@ void forward_nchw(const Geometry& g, const scalar_t* xp, scalar_t* yp, const sca
       }
       const acc* x = load_run(xp + off, n, s.in0.data());
       const Vec shift_v(shift);
-      block_sums_nchw<acc>(n, [&](int64_t i, int64_t count, Vec& a, Vec& b, Vec& c2) {
-        a = b = c2 = Vec::loadu(x + i, count) - shift_v;
+      // sum (x - x0) and sum (x - x0)^2
+      block_sums_nchw<acc>(n, [&](int64_t i, int64_t count, Vec& addend, Vec& lhs, Vec& rhs) {
+        addend = lhs = rhs = Vec::loadu(x + i, count) - shift_v;
       }, t1, t2);
     };
     const auto finish = [&](int64_t c) {
@@ -494,9 +495,10 @@ void backward_nchw(const Geometry& g, const scalar_t* yp, const scalar_t* gp, sc
       const acc* y = load_run(yp + off, n, s.in0.data());
       const acc* gr = load_run(gp + off, n, s.in1.data());
       const Vec beta(summed.beta), inv_gamma(summed.inv_gamma), sl(slope_a), isl(inv_slope);
-      block_sums_nchw<acc>(n, [&](int64_t i, int64_t count, Vec& a, Vec& b, Vec& c2) {
-        dz_xhat(Vec::loadu(y + i, count), Vec::loadu(gr + i, count), beta, inv_gamma, sl, isl, a, c2);
-        b = a;
+      // sum dz and sum dz * xhat
+      block_sums_nchw<acc>(n, [&](int64_t i, int64_t count, Vec& addend, Vec& lhs, Vec& rhs) {
+        dz_xhat(Vec::loadu(y + i, count), Vec::loadu(gr + i, count), beta, inv_gamma, sl, isl, addend, rhs);
+        lhs = addend;
       }, sum_dz, sum_dz_xhat);
     };
     const auto finish = [&](int64_t c) {
