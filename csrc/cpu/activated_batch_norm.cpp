@@ -290,7 +290,6 @@ inline int64_t pixels_per_block(int64_t C, int64_t L) {
   return (want + period_pixels - 1) / period_pixels * period_pixels;
 }
 
-
 template <typename acc>
 inline int64_t block_capacity(const Geometry& g, int64_t L) {
   return g.channels_last ? pixels_per_block<acc>(g.C, L) * g.C : kBlockValues;

@@ -149,7 +149,6 @@ MEDATTN_ALWAYS_INLINE void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-
 // Rows of one plane per work item: whole planes when there are enough of them, else split rows so
 // that there are about min_items items. Depends on the shape only (determinism of grad weight).
 inline int64_t rows_per_tile(int64_t planes, int64_t rows, int64_t min_items = kMinItems) {
