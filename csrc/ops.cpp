@@ -18,6 +18,9 @@ TORCH_LIBRARY(medattn, m) {
   // ("DEFAULT", "AVX2" or "AVX512", PyTorch's names) and the capabilities compiled into this build.
   m.def("_cpu_isa() -> str");
   m.def("_cpu_isas_compiled() -> str[]");
+  // GFLOP/s of independent vector multiply-add chains on every thread of torch's pool, on the ISA pass in
+  // use (csrc/cpu/fma_peak.cpp): the compute roofline the benchmark reports beside sgemm.
+  m.def("_cpu_vector_fma_gflops(int fmas_per_thread) -> float");
 
   // ---- global spatial attention: x * sigmoid(mean_c x) (+ the same of y, summed in one pass)
   m.def("global_spatial_attention(Tensor x, Tensor? y=None) -> Tensor");

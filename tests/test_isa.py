@@ -57,3 +57,11 @@ def test_kernel_runs_on_this_pass():
     out = mk.depthwise_conv2d(x, w, backend="cpu")
     ref = torch.nn.functional.conv2d(x, w, padding=3, groups=5)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_vector_fma_probe_runs_on_this_pass():
+    # The benchmark's compute roofline (csrc/cpu/fma_peak.cpp): a finite, positive rate, whatever the pass.
+    rate = torch.ops.medattn._cpu_vector_fma_gflops(200_000)
+    assert 0.0 < rate < float("inf")
+    with pytest.raises(RuntimeError, match="fmas_per_thread: expected a positive count, got 0"):
+        torch.ops.medattn._cpu_vector_fma_gflops(0)

@@ -104,6 +104,8 @@ def test_bench_cli_writes_table_json_csv(tmp_path):
     backends = {r["backend"] for r in rows}
     assert {"reference (eager)", "torch.compile(reference)", "medattn cpu"} <= backends
     assert data["meta"]["peak_sgemm_gflops"] > 0 and data["meta"]["peak_copy_gbps"] > 0
+    if mk._extension._C is not None:  # the vector FMA rate comes from the compiled extension
+        assert data["meta"]["peak_vector_fma_gflops"] > 0
     assert "ISA pass" in data["meta"]["device"]
     for r in rows:
         assert not r["error"], r["error"]

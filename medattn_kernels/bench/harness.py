@@ -326,9 +326,11 @@ class MachinePeak:
     description: str  # CPU model / GPU name, ISA pass, threads
     gflops: float  # fp32 GEMM (MKL sgemm on CPU, cuBLAS on GPU), 2048^3
     copy_gbps: float  # bytes read + written per second by a 64 MiB tensor copy
+    vector_fma_gflops: Optional[float] = None  # CPU: the ISA pass's multiply-add rate (vector_fma_gflops)
 
     def line(self) -> str:
-        return (f"machine: {self.description}; measured peaks: sgemm {self.gflops:.0f} GFLOP/s, "
+        fma = "" if self.vector_fma_gflops is None else f"vector FMA {self.vector_fma_gflops:.0f} GFLOP/s, "
+        return (f"machine: {self.description}; measured peaks: sgemm {self.gflops:.0f} GFLOP/s, {fma}"
                 f"copy {self.copy_gbps:.1f} GB/s (read + write)")
 
 
@@ -347,8 +349,20 @@ def copy_gbps(device: str, reps: int = 11) -> float:
     return 2 * src.nbytes / (time_ms(lambda: dst.copy_(src), device, warmup=2, reps=reps, budget_s=2.0) * 1e6)
 
 
+def vector_fma_gflops(device: str, reps: int = 5) -> Optional[float]:
+    """CPU: fp32 GFLOP/s of independent vector multiply-add chains on every thread of torch's pool, on the
+    ISA pass in use (csrc/cpu/fma_peak.cpp), median of `reps`: the compute roofline of a register-blocked
+    kernel. MKL's sgemm is well below it on some CPUs (211-224 against 485-535 GFLOP/s on the AMD EPYC Zen 5
+    of benchmarks/results, 2 threads). None on other devices or without the compiled extension."""
+    if not device.startswith("cpu") or not hasattr(torch.ops.medattn, "_cpu_vector_fma_gflops"):
+        return None
+    probe = torch.ops.medattn._cpu_vector_fma_gflops
+    probe(2_000_000)  # wakes the pool
+    return statistics.median(probe(20_000_000) for _ in range(reps))
+
+
 def measure_machine(device: str, dtype: torch.dtype = torch.float32) -> MachinePeak:
-    return MachinePeak(device_name(device), gemm_gflops(device), copy_gbps(device))
+    return MachinePeak(device_name(device), gemm_gflops(device), copy_gbps(device), vector_fma_gflops(device))
 
 
 def device_name(device: str) -> str:
