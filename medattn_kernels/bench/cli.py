@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         print(format_table(results))
         meta = {"device": machine.description, "torch": torch.__version__, "dtype": args.dtype, "quick": args.quick,
                 "threads": torch.get_num_threads(), "time": stamp, "peak_sgemm_gflops": machine.gflops,
-                "peak_vector_fma_gflops": machine.vector_fma_gflops, "peak_copy_gbps": machine.copy_gbps, "allocator": allocator,
+                "peak_vector_fma_gflops": machine.vector_fma_gflops, "peak_copy_gbps": machine.copy_gbps,
+                "allocator": allocator,
                 "environment": {k: os.environ[k] for k in ISA_ENVIRONMENT["avx2"] if k in os.environ}}
         paths = write_results(results, args.out, f"{name}_{args.device.split(':')[0]}_{args.dtype}", meta)
         print(f"\nwritten: {', '.join(paths)}")
