@@ -1,4 +1,4 @@
-// Software prefetch of a byte range into L2, one prefetch per 64-byte cache line from its start.
+// Software prefetch of a byte range, one prefetch per 64-byte cache line.
 //
 // GCC 12 deleted whole loops whose body was only __builtin_prefetch (prefetches do not count as side
 // effects, and C++ lets it assume such a loop finite, -ffinite-loops): the kernels compiled without a
@@ -13,22 +13,25 @@
 namespace medattn {
 inline namespace CPU_CAPABILITY {  // one copy per ISA pass: no cross-pass ODR merging
 
-// One line (the one holding p) into L2; kept by the same empty asm when GCC inlines it into a loop.
-inline void prefetch_line_l2(const void* p) {
-  __builtin_prefetch(p, 0, 2);
+// One line (the one holding p) into L2 (locality 2) or L1 (3); kept by the same empty asm when GCC
+// inlines it into a loop.
+template <int Locality = 2>
+inline void prefetch_line(const void* p) {
+  __builtin_prefetch(p, 0, Locality);
 #if defined(__GNUC__)
   asm volatile("" : : "r"(p));
 #endif
 }
 
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* line = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) {
-    __builtin_prefetch(line + o, 0, 2);
-#if defined(__GNUC__)
-    asm volatile("" : : "r"(line + o));
-#endif
-  }
+inline void prefetch_line_l2(const void* p) { prefetch_line<2>(p); }
+
+// Every line holding a byte of [p, p + bytes), p aligned or not.
+template <int Locality = 2>
+inline void prefetch_range(const void* p, int64_t bytes) {
+  if (bytes <= 0) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes - 1);
+  for (uintptr_t line = first; line <= last; line += 64) prefetch_line<Locality>(reinterpret_cast<const void*>(line));
 }
 
 }  // namespace CPU_CAPABILITY
