@@ -452,8 +452,9 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
           // The block's output lines are fetched before its FMAs: its stores (at the end of each column
           // block) otherwise wait on a read for ownership of every line, from memory once other tensors
           // have filled the caches. With the input slices into L1 (they went to L2), (8, 64, 56, 56) forward
-          // on the Zen 5, interleaved with F.conv2d in one process, 6 rounds: K = 13 1.51 -> 1.42 ms (every
-          // round), K = 21 3.82 -> 3.57, K = 7 0.553 -> 0.542; AVX2 pass K = 13 3.02 -> 2.92.
+          // on the Zen 5, both variants in one process interleaved with F.conv2d: K = 13 1.51 -> 1.42,
+          // 1.40 -> 1.35 and 1.37 -> 1.37 ms (three processes), K = 21 3.82 -> 3.57 and 3.55 -> 3.30, K = 7
+          // 0.553 -> 0.542; AVX2 pass K = 13 3.02 -> 2.92 (docs/depthwise_conv2d.md).
           for (int64_t k = 0; k < n; ++k) prefetch_range<3>(o + k * stride, out_cols * int64_t(sizeof(scalar_t)));
           with_count<kRowBlock>(n, [&](auto RH) {
             conv_rows<scalar_t, acc, RH>(slab_row, width, wp, g, init, o, stride, out_cols);

@@ -23,7 +23,7 @@
 #include "medattn/acc_run.h"  // load_run, run_target, store_run
 #include "medattn/common.h"
 #include "medattn/dispatch.h"
-#include "medattn/prefetch.h"  // prefetch_line_l2
+#include "medattn/prefetch.h"  // prefetch_line
 #include "medattn/stream_store.h"  // streaming_pays, store_maybe_streaming
 #include "medattn/vec_math.h"  // Vectorized, exp_nonpositive, lane_sum
 
@@ -168,7 +168,7 @@ struct NextTile {
     int64_t bytes;
     void fetch(int64_t offset) const {
       if (offset >= bytes) return;
-      for (int m = 0; m < n; ++m) prefetch_line_l2(rows[m] + offset);
+      for (int m = 0; m < n; ++m) prefetch_line<2>(rows[m] + offset);
     }
   };
 

@@ -1,4 +1,4 @@
-// Software prefetch of a byte range, one prefetch per 64-byte cache line.
+// Software prefetches: one cache line, or every 64-byte line of a byte range.
 //
 // GCC 12 deleted whole loops whose body was only __builtin_prefetch (prefetches do not count as side
 // effects, and C++ lets it assume such a loop finite, -ffinite-loops): the kernels compiled without a
@@ -13,9 +13,9 @@
 namespace medattn {
 inline namespace CPU_CAPABILITY {  // one copy per ISA pass: no cross-pass ODR merging
 
-// One line (the one holding p) into L2 (locality 2) or L1 (3); kept by the same empty asm when GCC
+// One line (the one holding p) into L2 (Locality 2) or L1 (3); kept by the same empty asm when GCC
 // inlines it into a loop.
-template <int Locality = 2>
+template <int Locality>
 inline void prefetch_line(const void* p) {
   __builtin_prefetch(p, 0, Locality);
 #if defined(__GNUC__)
@@ -23,10 +23,8 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
-inline void prefetch_line_l2(const void* p) { prefetch_line<2>(p); }
-
 // Every line holding a byte of [p, p + bytes), p aligned or not.
-template <int Locality = 2>
+template <int Locality>
 inline void prefetch_range(const void* p, int64_t bytes) {
   if (bytes <= 0) return;
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
