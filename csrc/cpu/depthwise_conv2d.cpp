@@ -799,7 +799,7 @@ void correlate_nhwc(const acc* src, acc* dst, const acc* wt, const acc* bias, in
             // values apart) do not each wait on a read for ownership. Zen 5, (8, 64, 56, 56) channels_last
             // forward, both variants in one process interleaved with F.conv2d, two runs of 4 rounds:
             // K = 13 1.36 -> 1.25 and 1.43 -> 1.26 ms, K = 7 1.02 -> 0.89 and 1.03 -> 0.95. (The whole
-            // output row at the item's start, or the next item's, into L2: between the two.)
+            // output row at the item's start, or the next item's, into L2: as fast at K = 13, 1-8% slower at K = 7.)
             MEDATTN_UNROLL for (int p = 0; p < P; ++p)
               prefetch_range<3>(out_row + (j + p * g.dw) * C + c, N * int64_t(sizeof(acc)));
             correlate_strip<acc, P, T>(src_b + c, src_rows, src_cols, C, row_origin + i, col_origin + j, wt_k, g,
