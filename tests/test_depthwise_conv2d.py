@@ -47,9 +47,10 @@ def run_parity(backend, shape, kernel, dilation, padding, dtype=torch.float32, l
     b = make_tensor((C,), dtype, device, requires_grad=True) if bias else None
     out = mk.depthwise_conv2d(x, w, b, padding=padding, dilation=dilation, backend=backend)
     x64, w64, b64 = as_float64_leaves([x, w, b])
-    pad = padding if padding is not None else tuple(dilation * (k - 1) // 2 for k in kernel)
+    dil = (dilation, dilation) if isinstance(dilation, int) else dilation
+    pad = padding if padding is not None else tuple(d * (k - 1) // 2 for d, k in zip(dil, kernel))
     pad = (pad, pad) if isinstance(pad, int) else pad
-    ref = reference.depthwise_conv2d(x64, w64, b64, pad, (dilation, dilation))
+    ref = reference.depthwise_conv2d(x64, w64, b64, pad, dil)
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close_to_reference(out, ref, dtype, "out")
     grad = torch.randn(ref.shape, dtype=torch.float64, device=device)
@@ -139,10 +140,41 @@ def test_cpu_nchw_16_channel_slabs_match_reference(shape, kernel, dilation, padd
     assert out.is_contiguous()
 
 
+# NCHW float32 with W = 8 mod 16 (the networks' 56), an output as wide as the input and no row dilation runs,
+# in the AVX-512 pass on AMD CPUs, as flat runs of row pairs (zero-masked loads at the row ends; forward and
+# grad input). Forced here against the row kernel on every machine: W = 8 (one vector per pair, every tap
+# column masked somewhere), 24, 40, 56, 120; odd row counts (the last pair half stored), row tiles of one
+# row (few planes, many rows), H < KH, kernels of 1 to 13 rows in one weight group and taller ones in
+# groups, column dilation, H padding beyond the reach. The last cases do not fit the flat form (row
+# dilation, W = 4 mod 16, "valid" width) and check that forcing it falls back to the row kernel.
+FLAT_CASES = [
+    ((2, 3, 56, 56), (13, 13), 1, None),         # the networks' shape, one weight group of 13 rows
+    ((1, 5, 7, 24), (7, 7), 1, None),            # 7 rows: 4 pairs, the last one half
+    ((1, 1, 57, 8), (3, 3), 1, None),            # 1 plane, 57 rows: row tiles of 1 row; W = 8
+    ((2, 4, 5, 8), (13, 13), 1, None),           # H < KH, every tap column past the row
+    ((1, 2, 30, 40), (21, 5), 1, None),          # 21 rows: groups of 7
+    ((1, 3, 11, 120), (1, 9), (1, 2), None),     # 1 kernel row, column dilation
+    ((2, 2, 6, 24), (3, 3), 1, (4, 1)),          # H padding beyond the reach: the output grows in H only
+    ((1, 3, 9, 40), (5, 5), (2, 1), None),       # row dilation: not flat
+    ((1, 3, 9, 20), (5, 5), 1, None),            # W = 4 mod 16: not flat
+    ((1, 3, 9, 24), (5, 5), 1, (2, 0)),          # "valid" width, 20 columns out of 24: not flat
+]
+FLAT_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in FLAT_CASES]
+
+
+@pytest.mark.parametrize("shape, kernel, dilation, padding", FLAT_CASES, ids=FLAT_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("nchw_path", ["flat", "rows"])
+def test_cpu_nchw_flat_row_pairs_match_reference(shape, kernel, dilation, padding, layout, nchw_path, monkeypatch):
+    monkeypatch.setenv("MEDATTN_DEPTHWISE_NCHW", nchw_path)
+    out, _ = run_parity("cpu", shape, kernel, dilation, padding, layout=layout, bias=layout == "contiguous")
+    assert out.is_contiguous()
+
+
 def test_cpu_nchw_path_switch_rejects_other_values(monkeypatch):
     monkeypatch.setenv("MEDATTN_DEPTHWISE_NCHW", "slab")
     x, w = make_tensor((1, 16, 9, 9)), make_tensor((16, 1, 9, 9))
-    with pytest.raises(RuntimeError, match="MEDATTN_DEPTHWISE_NCHW: expected 'slabs' or 'rows', got 'slab'"):
+    with pytest.raises(RuntimeError, match="MEDATTN_DEPTHWISE_NCHW: expected 'slabs', 'rows' or 'flat', got 'slab'"):
         mk.depthwise_conv2d(x, w, backend="cpu")
 
 

@@ -24,6 +24,8 @@
 // AVX-512, float32, C a multiple of 16, at least 9 x 9 taps (26 x 26 on AMD CPUs): NCHW is computed through
 // 16-channel NHWC slabs and the NHWC strip kernel (correlate_planes_blocked), whose loads are whole aligned
 // lines.
+// AVX-512, float32, AMD CPUs, W = 8 mod 16 (W = 56) below those taps: the planes as flat runs of row pairs
+// (correlate_planes_flat), whose vectors hold no dropped lanes.
 //
 // Layouts: NCHW is used as is; channels_last x with C >= one vector runs the native NHWC kernels below
 // (vectorised over C, no layout copy); other strided inputs (and channels_last with fewer channels) are
@@ -400,6 +402,30 @@ void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry&
     });
 }
 
+// The source rows of a thread's next item (rows row_origin + its first row .. + slab_rows, those inside
+// the plane), prefetched a slice per register block while the current item computes: filled cold, the
+// slab stalled on every line (the hardware prefetcher's stream stops during the compute), 20% of the K = 7
+// forward; all at once, the requests queued up and did not help. Into L1 rather than L2 (the slice is
+// ~12 KiB at 56 x 56, beside a ~20 KiB slab): see the output lines in correlate_planes.
+struct NextItemRows {
+  const char* rows = nullptr;
+  int64_t bytes = 0, done = 0, slice = 0;
+  template <typename scalar_t>
+  NextItemRows(const scalar_t* src, int64_t item, int64_t end, int64_t tiles, int64_t tile, int64_t row_origin,
+               int64_t src_rows, int64_t src_cols, int64_t slab_rows, int64_t blocks) {
+    if (item + 1 >= end) return;
+    const int64_t pn = (item + 1) / tiles, rn = row_origin + ((item + 1) % tiles) * tile;
+    const int64_t lo = std::clamp<int64_t>(rn, 0, src_rows);
+    const int64_t hi = std::clamp<int64_t>(rn + slab_rows, lo, src_rows);
+    rows = reinterpret_cast<const char*>(src + (pn * src_rows + lo) * src_cols);
+    bytes = (hi - lo) * src_cols * int64_t(sizeof(scalar_t));
+    slice = round_up((bytes + blocks - 1) / blocks, 64);
+  }
+  void fetch_slice() {
+    for (const int64_t stop = std::min(bytes, done + slice); done < stop; done += 64) prefetch_line<3>(rows + done);
+  }
+};
+
 // Correlation of every plane of `src` [P, src_rows, src_cols] with its kernel `w` [P, KH*KW] (acc type),
 // the window's origin at (row_origin, col_origin) of src, into `dst` [P, out_rows, out_cols]:
 //   dst[p, i, j] = bias[p] + sum_{kh,kw} w[p, kh, kw] src[p, row_origin + i + dh kh, col_origin + j + dw kw]
@@ -424,21 +450,8 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
       const int64_t slab_rows = (r1 - r0) + g.dh * (g.KH - 1);
       fill_slab(slab.data(), held, src + p * src_rows * src_cols, src_rows, src_cols, row_origin + r0, slab_rows,
                 col_origin, width);
-      // The next item's source rows are prefetched a slice per row block, while this item computes:
-      // filled cold, the slab stalled on every line (the hardware prefetcher's stream stops during the
-      // compute), 20% of the K = 7 forward; all at once, the requests queued up and did not help. Into L1
-      // rather than L2 (the slice is ~12 KiB at 56 x 56, beside a ~20 KiB slab): see the output lines below.
-      const char* next_rows = nullptr;
-      int64_t next_bytes = 0, next_done = 0, next_slice = 0;
-      if (item + 1 < end) {
-        const int64_t pn = (item + 1) / tiles, rn = row_origin + ((item + 1) % tiles) * tile;
-        const int64_t lo = std::clamp<int64_t>(rn, 0, src_rows);
-        const int64_t hi = std::clamp<int64_t>(rn + slab_rows, lo, src_rows);
-        next_rows = reinterpret_cast<const char*>(src + (pn * src_rows + lo) * src_cols);
-        next_bytes = (hi - lo) * src_cols * int64_t(sizeof(scalar_t));
-        const int64_t blocks = (r1 - r0 + kRowBlock - 1) / kRowBlock;
-        next_slice = round_up((next_bytes + blocks - 1) / blocks, 64);
-      }
+      NextItemRows next(src, item, end, tiles, tile, row_origin, src_rows, src_cols, slab_rows,
+                        (r1 - r0 + kRowBlock - 1) / kRowBlock);
       const acc* wp = w + c * g.KH * g.KW;
       const acc init = bias ? bias[c] : acc(0);
       scalar_t* out = dst + p * out_rows * out_cols;
@@ -459,8 +472,7 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
           with_count<kRowBlock>(n, [&](auto RH) {
             conv_rows<scalar_t, acc, RH>(slab_row, width, wp, g, init, o, stride, out_cols);
           });
-          for (const int64_t stop = std::min(next_bytes, next_done + next_slice); next_done < stop; next_done += 64)
-            prefetch_line<3>(next_rows + next_done);
+          next.fetch_slice();
         }
       }
     }
@@ -817,17 +829,20 @@ void with_tap_block(int64_t KW, F&& f) {
   with_count<kTapBlock>(tap_groups(KW).T, f);
 }
 
-// MEDATTN_DEPTHWISE_NCHW=slabs / rows forces either NCHW path of the AVX-512 pass (float32, C a multiple of
-// 16; see blocked_nchw_pays): the tests run both on every AVX-512 machine, and one can time one against the
-// other on a new CPU. Read on each call, checked in every pass.
-enum class NchwPath { kAuto, kSlabs, kRows };
+// MEDATTN_DEPTHWISE_NCHW=slabs / rows / flat forces one NCHW path of the AVX-512 pass (float32; slabs need C
+// a multiple of 16, flat W = 8 mod 16 and an output as wide as the input: see blocked_nchw_pays and
+// flat_nchw_pays; where the forced path does not apply, the row kernel runs): the tests run each on every
+// AVX-512 machine, and one can time one against the other on a new CPU. Read on each call, checked in every
+// pass.
+enum class NchwPath { kAuto, kSlabs, kRows, kFlat };
 
 inline NchwPath forced_nchw_path() {
   const char* forced = std::getenv("MEDATTN_DEPTHWISE_NCHW");
   if (forced == nullptr || *forced == '\0') return NchwPath::kAuto;
   if (std::strcmp(forced, "slabs") == 0) return NchwPath::kSlabs;
   if (std::strcmp(forced, "rows") == 0) return NchwPath::kRows;
-  TORCH_CHECK(false, "MEDATTN_DEPTHWISE_NCHW: expected 'slabs' or 'rows', got '", forced, "'");
+  if (std::strcmp(forced, "flat") == 0) return NchwPath::kFlat;
+  TORCH_CHECK(false, "MEDATTN_DEPTHWISE_NCHW: expected 'slabs', 'rows' or 'flat', got '", forced, "'");
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -863,14 +878,18 @@ constexpr int64_t kMinBlockedItems = 16;
 // between 21 x 21 and 31 x 31 taps. (A Zen 4 was not timed on either path: it takes the Zen 5's threshold.)
 constexpr int64_t kBlockedMinTapsAmd = 26 * 26;
 
-inline bool blocked_nchw_pays(int64_t C, const Geometry& g, NchwPath forced) {
-  if (C % 16 != 0 || forced == NchwPath::kRows) return false;
-  if (forced == NchwPath::kSlabs) return true;
+inline bool amd_cpu() {
   static const bool amd = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
   }();
-  return g.KH * g.KW >= (amd ? kBlockedMinTapsAmd : kBlockedMinTaps);
+  return amd;
+}
+
+inline bool blocked_nchw_pays(int64_t C, const Geometry& g, NchwPath forced) {
+  if (C % 16 != 0 || forced == NchwPath::kRows || forced == NchwPath::kFlat) return false;
+  if (forced == NchwPath::kSlabs) return true;
+  return g.KH * g.KW >= (amd_cpu() ? kBlockedMinTapsAmd : kBlockedMinTaps);
 }
 
 inline float* align64(float* p) {
@@ -966,9 +985,178 @@ void correlate_planes_blocked(const float* src, float* dst, const float* w, cons
     }
   });
 }
+// ---- NCHW planes as flat runs of row pairs (AVX-512, float, W = 8 mod 16, output as wide as the input, dh = 1)
+//
+// The row kernel covers a row of W = 56 floats with 3 zmm and a ymm (conv_block_best's half register). On a
+// core whose ymm FMA takes a zmm FMA's slot (Zen 5) that is 4 zmm FMAs per 3.5 zmm of output: 12.5% of the
+// issued FMAs fall on dropped lanes, and the K = 13 forward ran at 75-80% of its issued-FMA floor, FMA-bound.
+// Two rows, 2 W floats, are a whole number of zmm (7 at W = 56, W / 8 in general). So here a plane is one
+// flat array with row stride W and no column padding: output position o = y W + x, and tap (kh, kw) reads
+// input position o + kh W + dw kw + col_origin, the same offset for every lane of a vector. A lane whose
+// column x + dw kw + col_origin falls outside [0, W) would read the row before or after: its load lane is
+// masked off (a zero-masking load, on the load ports, no FP-pipe work). 2 W is a multiple of 16, so a
+// vector's lane columns depend only on its index v within its row pair, and the masks are one table
+// [KW][W / 8] per call.
+// Register block: RH row pairs x R vectors, accumulator (rr, r) at o0 + 2 W rr + 16 r. Input row j of the
+// block feeds pair rr through kernel row j - 2 rr: each load feeds half as many accumulators as in the row
+// kernel (odd rows' vectors sit 8 columns off the even rows'), so the kernel rows are kept in registers in
+// one group of up to 13 (16 accumulators + 13 weights + 2 inputs = 31 zmm): (KH + 14) R loads per 8 KH R
+// FMAs per tap column. With the row kernel's groups of at most 7 (22 loads per 56 FMAs) it ran no faster
+// than the row kernel. Taller kernels go in groups of at most 8: with two group sizes of 9 or more in one
+// function GCC spilled the accumulators.
+// (8, 64, 56, 56) forward on the Zen 5, in one process against the row kernel: see docs/depthwise_conv2d.md.
+constexpr int kFlatPairBlock = 8;    // row pairs per register block ...
+constexpr int kFlatBlock = 2;        // ... x zmm along the pair (16 accumulators)
+constexpr int kFlatOneGroup = 13;    // KH up to this: all kernel rows' weights in registers
+constexpr int kFlatGroup = 8;        // taller kernels: groups of at most this many rows
+static_assert(kFlatPairBlock == 8, "correlate_planes_flat runs the rest of a plane in blocks of 4, 2 and 1 pairs");
+
+// One register block (see above). in: the block's first input position (o0 + col_origin in the slab);
+// masks: [KW][VS] from the block's first vector's column; remaining: output values from out to the item's end.
+template <int RH, int R, int GMax, bool OneGroup>
+void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, const float* w, const Geometry& g,
+                float init, float* out, int64_t remaining) {
+  __m512 a[RH][R];
+  static_for<RH>([&](auto rr) { static_for<R>([&](auto r) { a[rr][r] = _mm512_set1_ps(init); }); });
+  auto group = [&](int64_t kh0, auto G) __attribute__((always_inline)) {
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      __m512 wv[G];
+      static_for<G>([&](auto k) { wv[k] = _mm512_set1_ps(w[(kh0 + k) * g.KW + kw]); });
+      __mmask16 m[R];
+      static_for<R>([&](auto r) { m[r] = masks[kw * VS + r]; });
+      const float* rows = in + kh0 * W + kw * g.dw;
+      static_for<G + 2 * (RH - 1)>([&](auto j) __attribute__((always_inline)) {
+        __m512 x[R];
+        static_for<R>([&](auto r) { x[r] = _mm512_maskz_loadu_ps(m[r], rows + j * W + 16 * r); });
+        static_for<RH>([&](auto rr) {
+          constexpr int kh = int(j) - 2 * int(rr);
+          if constexpr (kh >= 0 && kh < G)
+            static_for<R>([&](auto r) { a[rr][r] = _mm512_fmadd_ps(wv[kh], x[r], a[rr][r]); });
+        });
+      });
+    }
+  };
+  if constexpr (OneGroup) {
+    group(0, std::integral_constant<int, GMax>{});
+  } else {  // as conv_block_grouped: sizes GMax and GMax - 1
+    const int64_t groups = (g.KH + GMax - 1) / GMax;
+    const int64_t big = g.KH - groups * (GMax - 1);
+    int64_t kh0 = 0;
+    for (int64_t q = 0; q < big; ++q, kh0 += GMax) group(kh0, std::integral_constant<int, GMax>{});
+    if constexpr (GMax > 1)
+      for (int64_t q = big; q < groups; ++q, kh0 += GMax - 1) group(kh0, std::integral_constant<int, GMax - 1>{});
+  }
+  // An item with an odd number of rows ends on half a pair: the lanes past its last row are not stored.
+  static_for<RH>([&](auto rr) {
+    static_for<R>([&](auto r) {
+      const int64_t n = remaining - rr * 2 * W - 16 * r;
+      float* o = out + rr * 2 * W + 16 * r;
+      if (n >= 16)
+        _mm512_storeu_ps(o, a[rr][r]);
+      else if (n > 0)
+        _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << n) - 1), a[rr][r]);
+    });
+  });
+}
+
+template <int RH, int R>
+void flat_block_any(const float* in, int64_t W, const __mmask16* masks, int64_t VS, const float* w, const Geometry& g,
+                    float init, float* out, int64_t remaining) {
+  if (g.KH <= kFlatOneGroup)
+    return with_count<kFlatOneGroup>(g.KH, [&](auto G) {
+      flat_block<RH, R, G, true>(in, W, masks, VS, w, g, init, out, remaining);
+    });
+  const int64_t groups = (g.KH + kFlatGroup - 1) / kFlatGroup;
+  with_count<kFlatGroup>((g.KH + groups - 1) / groups, [&](auto GMax) {
+    flat_block<RH, R, GMax, false>(in, W, masks, VS, w, g, init, out, remaining);
+  });
+}
+
+// Where it fits, the flat form replaces the row kernel on AMD CPUs (measured on the Zen 5; where the slabs
+// do not run, below 26 x 26 taps). On Intel CPUs the row kernel and the slabs stay: the flat form issues 1.5x
+// the row kernel's loads, nearly all line-splitting, and such loads are what made the slabs pay from 9 x 9
+// taps on the Intel Xeon (kBlockedMinTaps); no Intel CPU has timed the flat form yet (forcing it does).
+inline bool flat_nchw_pays(int64_t src_cols, int64_t out_cols, const Geometry& g, NchwPath forced) {
+  const bool fits = out_cols == src_cols && out_cols % 16 == 8 && g.dh == 1;
+  return fits && (forced == NchwPath::kFlat || (forced == NchwPath::kAuto && amd_cpu()));
+}
+
+// correlate_planes (same arguments and result) for float where flat_nchw_fits, see above.
+void correlate_planes_flat(const float* src, float* dst, const float* w, const float* bias, int64_t B, int64_t C,
+                           int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
+                           int64_t row_origin, int64_t col_origin, const Geometry& g) {
+  const int64_t W = out_cols, VS = W / 8;  // zmm per row pair
+  const int64_t planes = B * C;
+  const int64_t tile = rows_per_tile(planes, out_rows);
+  const int64_t tiles = (out_rows + tile - 1) / tile;
+  std::vector<__mmask16> masks(g.KW * VS);
+  for (int64_t kw = 0; kw < g.KW; ++kw)
+    for (int64_t v = 0; v < VS; ++v) {
+      unsigned m = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t col = (16 * v + l) % W + kw * g.dw + col_origin;
+        if (col >= 0 && col < W) m |= 1u << l;
+      }
+      masks[kw * VS + v] = static_cast<__mmask16>(m);
+    }
+  // Masked-off lanes are never read; the margins keep the blocks' base addresses inside the buffer.
+  const int64_t front = std::max<int64_t>(0, -col_origin) + 16;
+  const int64_t back = std::max<int64_t>(0, col_origin + g.dw * (g.KW - 1)) + 16;
+  at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
+    // The item's rows with the kernel's reach above and below, and one more row for half a last pair.
+    std::vector<float> buf(front + (tile + g.KH) * W + back);
+    float* slab = buf.data() + front;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / tiles, c = p % C;
+      const int64_t r0 = (item % tiles) * tile, r1 = std::min(out_rows, r0 + tile);
+      const int64_t n = r1 - r0, slab_rows = n + g.KH, pairs = (n + 1) / 2;
+      // Whole rows: the in-plane ones are one contiguous copy, the others zeros.
+      const int64_t sr0 = row_origin + r0;
+      const int64_t lo = std::clamp<int64_t>(-sr0, 0, slab_rows), hi = std::clamp<int64_t>(src_rows - sr0, lo, slab_rows);
+      std::fill(slab, slab + lo * W, 0.f);
+      std::memcpy(slab + lo * W, src + (p * src_rows + sr0 + lo) * W, (hi - lo) * W * sizeof(float));
+      std::fill(slab + hi * W, slab + slab_rows * W, 0.f);
+      NextItemRows next(src, item, end, tiles, tile, row_origin, src_rows, src_cols, slab_rows,
+                        (pairs + kFlatPairBlock - 1) / kFlatPairBlock);
+      const float* wp = w + c * g.KH * g.KW;
+      const float init = bias ? bias[c] : 0.f;
+      float* out = dst + (p * out_rows + r0) * W;
+      const int64_t total = n * W;
+      // Blocks of 8 pairs, the rest in blocks of 4, 2, 1 (56 rows: 8 + 8 + 8 + 4 pairs); across the pair,
+      // blocks of 2 vectors and a last one of 1 when W / 8 is odd.
+      for (int64_t s = 0; s < pairs;) {
+        const int64_t left = pairs - s;
+        const int64_t rh = left >= kFlatPairBlock ? kFlatPairBlock : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const int64_t o0 = s * 2 * W;
+        // The block's output lines before its FMAs, as in correlate_planes.
+        prefetch_range<3>(out + o0, std::min<int64_t>(rh * 2 * W, total - o0) * int64_t(sizeof(float)));
+        const auto run = [&](auto RH) {
+          int64_t v = 0;
+          for (; v + kFlatBlock <= VS; v += kFlatBlock)
+            flat_block_any<RH, kFlatBlock>(slab + col_origin + o0 + 16 * v, W, masks.data() + v, VS, wp, g, init,
+                                           out + o0 + 16 * v, total - o0 - 16 * v);
+          if (v < VS)
+            flat_block_any<RH, 1>(slab + col_origin + o0 + 16 * v, W, masks.data() + v, VS, wp, g, init,
+                                  out + o0 + 16 * v, total - o0 - 16 * v);
+        };
+        if (rh == kFlatPairBlock)
+          run(std::integral_constant<int, kFlatPairBlock>{});
+        else if (rh == 4)
+          run(std::integral_constant<int, 4>{});
+        else if (rh == 2)
+          run(std::integral_constant<int, 2>{});
+        else
+          run(std::integral_constant<int, 1>{});
+        next.fetch_slice();
+        s += rh;
+      }
+    }
+  });
+}
+
 #endif  // CPU_CAPABILITY_AVX512
 
-// NCHW correlation: correlate_planes, or its blocked form where that runs faster (AVX-512, float).
+// NCHW correlation: correlate_planes, or its blocked or flat form where that runs faster (AVX-512, float).
 template <typename scalar_t>
 void correlate_nchw(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w, const acc_t<scalar_t>* bias,
                     int64_t B, int64_t C, int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
@@ -981,6 +1169,10 @@ void correlate_nchw(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w
         correlate_planes_blocked<T>(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin,
                                     col_origin, g);
       });
+      return;
+    }
+    if (flat_nchw_pays(src_cols, out_cols, g, forced)) {
+      correlate_planes_flat(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin, col_origin, g);
       return;
     }
   }
