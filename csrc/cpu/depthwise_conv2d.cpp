@@ -140,6 +140,8 @@ constexpr int kWeightGroup = 0;
 constexpr int64_t kMinItems = 64;  // row tiling: at least this many items per call (shape-only rule)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// Every unrolled loop of the register blocks forced inline (medattn/static_for.h).
+constexpr bool kInlineUnroll = true;
 
 // Runs f(std::integral_constant<int, n>) for a runtime count 1 <= n <= Max (register-block sizes are
 // template parameters so that the blocks' arrays live in registers).
@@ -257,7 +259,7 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       V x[R];
       MEDATTN_UNROLL for (int r = 0; r < R; ++r) x[r] = loadu<acc>(row + kw * g.dw + r * N);
-      static_for<hi - lo>([&](auto k) {
+      static_for<hi - lo, kInlineUnroll>([&](auto k) {
         constexpr int rr = lo + k;
         const V wv = splat<acc>(w[(i - rr) * g.KW + kw]);
         MEDATTN_UNROLL for (int r = 0; r < R; ++r) a[rr][r] += wv * x[r];
@@ -268,12 +270,12 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
     // First RH - 1 slab rows: i meets output rows 0..i; last RH - 1 (i = KH + j): rows j + 1..RH - 1.
     // At K = 7 they carry 12 of the 28 (slab row, output row) FMA groups with RH = 4 (AVX-512) and 30 of
     // 42 with RH = 6 (AVX2): a per-row range check there made the AVX2 K = 7 forward ~1.5x slower.
-    static_for<RH - 1>([&](auto j) {
+    static_for<RH - 1, kInlineUnroll>([&](auto j) {
       slab_row(j, std::integral_constant<int, 0>{}, std::integral_constant<int, j + 1>{});
     });
     for (int64_t i = RH - 1; i < g.KH; ++i)
       slab_row(i, std::integral_constant<int, 0>{}, std::integral_constant<int, RH>{});
-    static_for<RH - 1>([&](auto j) {
+    static_for<RH - 1, kInlineUnroll>([&](auto j) {
       slab_row(g.KH + j, std::integral_constant<int, j + 1>{}, std::integral_constant<int, RH>{});
     });
   } else {  // kernels shorter than the block: each row checks which output rows it reaches
@@ -324,8 +326,8 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
   auto group = [&](int64_t kh0, auto G) __attribute__((always_inline)) {
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       V wv[G];
-      static_for<G>([&](auto k) { wv[k] = splat<acc>(w[(kh0 + k) * g.KW + kw]); });
-      static_for<G + RH - 1>([&](auto j) __attribute__((always_inline)) {
+      static_for<G, kInlineUnroll>([&](auto k) { wv[k] = splat<acc>(w[(kh0 + k) * g.KW + kw]); });
+      static_for<G + RH - 1, kInlineUnroll>([&](auto j) __attribute__((always_inline)) {
         const acc* row = slab + (kh0 + j) * row_step + kw * g.dw;
         V x[RF];
         MEDATTN_UNROLL for (int r = 0; r < RF; ++r) x[r] = loadu<acc>(row + r * N);
@@ -333,7 +335,7 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
         if constexpr (Half) std::memcpy(&xh, row + RF * N, sizeof(xh));
         constexpr int lo = j + 1 > G ? j + 1 - G : 0;
         constexpr int hi = j + 1 < RH ? j + 1 : RH;
-        static_for<hi - lo>([&](auto k) {
+        static_for<hi - lo, kInlineUnroll>([&](auto k) {
           constexpr int rr = lo + k;
           MEDATTN_UNROLL for (int r = 0; r < RF; ++r) a[rr][r] += wv[j - rr] * x[r];
           if constexpr (Half) ah[rr] += low_half<acc>(wv[j - rr]) * xh;
@@ -1017,21 +1019,21 @@ template <int RH, int R, int GMax, bool OneGroup>
 void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, const float* w, const Geometry& g,
                 float init, float* out, int64_t remaining) {
   __m512 a[RH][R];
-  static_for<RH>([&](auto rr) { static_for<R>([&](auto r) { a[rr][r] = _mm512_set1_ps(init); }); });
+  static_for<RH, kInlineUnroll>([&](auto rr) { static_for<R, kInlineUnroll>([&](auto r) { a[rr][r] = _mm512_set1_ps(init); }); });
   auto group = [&](int64_t kh0, auto G) __attribute__((always_inline)) {
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       __m512 wv[G];
-      static_for<G>([&](auto k) { wv[k] = _mm512_set1_ps(w[(kh0 + k) * g.KW + kw]); });
+      static_for<G, kInlineUnroll>([&](auto k) { wv[k] = _mm512_set1_ps(w[(kh0 + k) * g.KW + kw]); });
       __mmask16 m[R];
-      static_for<R>([&](auto r) { m[r] = masks[kw * VS + r]; });
+      static_for<R, kInlineUnroll>([&](auto r) { m[r] = masks[kw * VS + r]; });
       const float* rows = in + kh0 * W + kw * g.dw;
-      static_for<G + 2 * (RH - 1)>([&](auto j) __attribute__((always_inline)) {
+      static_for<G + 2 * (RH - 1), kInlineUnroll>([&](auto j) __attribute__((always_inline)) {
         __m512 x[R];
-        static_for<R>([&](auto r) { x[r] = _mm512_maskz_loadu_ps(m[r], rows + j * W + 16 * r); });
-        static_for<RH>([&](auto rr) {
+        static_for<R, kInlineUnroll>([&](auto r) { x[r] = _mm512_maskz_loadu_ps(m[r], rows + j * W + 16 * r); });
+        static_for<RH, kInlineUnroll>([&](auto rr) {
           constexpr int kh = int(j) - 2 * int(rr);
           if constexpr (kh >= 0 && kh < G)
-            static_for<R>([&](auto r) { a[rr][r] = _mm512_fmadd_ps(wv[kh], x[r], a[rr][r]); });
+            static_for<R, kInlineUnroll>([&](auto r) { a[rr][r] = _mm512_fmadd_ps(wv[kh], x[r], a[rr][r]); });
         });
       });
     }
@@ -1047,8 +1049,8 @@ void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, 
       for (int64_t q = big; q < groups; ++q, kh0 += GMax - 1) group(kh0, std::integral_constant<int, GMax - 1>{});
   }
   // An item with an odd number of rows ends on half a pair: the lanes past its last row are not stored.
-  static_for<RH>([&](auto rr) {
-    static_for<R>([&](auto r) {
+  static_for<RH, kInlineUnroll>([&](auto rr) {
+    static_for<R, kInlineUnroll>([&](auto r) {
       const int64_t n = remaining - rr * 2 * W - 16 * r;
       float* o = out + rr * 2 * W + 16 * r;
       if (n >= 16)

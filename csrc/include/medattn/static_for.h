@@ -9,14 +9,21 @@
 
 namespace medattn {
 
-// Calls f(std::integral_constant<int, i>) for i = 0 .. n - 1 (unrolled at compile time). The inner lambda is
-// always inlined too: left to GCC, large bodies (a register block's whole row loop) became out-of-line
-// calls with the accumulators passed through memory (24 such functions in the AVX-512 depthwise object).
-template <int n, typename F>
+// Calls f(std::integral_constant<int, i>) for i = 0 .. n - 1 (unrolled at compile time). Inline = true also
+// forces the unrolled sequence itself inline: left to GCC, large bodies (a register block's whole row
+// loop) became out-of-line calls with the accumulators passed through memory (24 such functions in the
+// AVX-512 depthwise object; the flat row-pair kernel ran 2-3x slower). The depthwise kernels use it; the
+// activated BN kernels keep GCC's choice, which is what their benchmarks measured.
+template <int n, bool Inline = false, typename F>
 MEDATTN_ALWAYS_INLINE void static_for(F&& f) {
-  [&]<int... i>(std::integer_sequence<int, i...>) MEDATTN_ALWAYS_INLINE_LAMBDA {
-    (f(std::integral_constant<int, i>{}), ...);
-  }(std::make_integer_sequence<int, n>{});
+  if constexpr (Inline) {
+    [&]<int... i>(std::integer_sequence<int, i...>) MEDATTN_ALWAYS_INLINE_LAMBDA {
+      (f(std::integral_constant<int, i>{}), ...);
+    }(std::make_integer_sequence<int, n>{});
+  } else {
+    [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
+        std::make_integer_sequence<int, n>{});
+  }
 }
 
 }  // namespace medattn
