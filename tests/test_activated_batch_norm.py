@@ -82,8 +82,17 @@ def check_parity(backend, shape, dtype, layout="contiguous", slope=0.01, device=
         dims = [d for d in range(x64.dim()) if d != 1]
         var64, mean64 = torch.var_mean(x64, dim=dims, correction=0, keepdim=True)
         dz = torch.where(y_ref.detach() > 0, grad, grad * slope)
-        floor[1] = sum_tolerance(dtype, dz * (x64 - mean64) / torch.sqrt(var64 + 1e-5), grads_ref[1], dims)
+        xhat = (x64 - mean64) / torch.sqrt(var64 + 1e-5)
+        floor[1] = sum_tolerance(dtype, dz * xhat, grads_ref[1], dims)
         floor[2] = sum_tolerance(dtype, dz, grads_ref[2], dims)
+        # grad x = (w / sigma) (dz - mean dz - x_hat mean(dz x_hat)) per channel, a projection that can cancel
+        # too (B*H*W = 3, float32: 3.3e-5 and 2.2e-5 against the generic 2e-5 in 2 of 3000 draws): the
+        # tolerance times its condition number, max of the terms' magnitudes over max |grad x|.
+        w_abs = leaves64[1].detach().abs().view([1, -1] + [1] * (x64.dim() - 2))
+        terms = w_abs / torch.sqrt(var64 + 1e-5) * (dz.abs() + dz.abs().mean(dims, keepdim=True)
+                                                     + xhat.abs() * (dz * xhat).abs().mean(dims, keepdim=True))
+        denom = grads_ref[0].detach().abs().max().item()
+        floor[0] = tolerance(dtype) * max(1.0, terms.max().item() / denom if denom > 0 else 1.0)
     if dtype == torch.bfloat16:
         # bfloat16 y (8-bit mantissa), from which x_hat is rebuilt: also accept 0.1, or twice the error
         # of the composite computed in bfloat16 from the same inputs.
