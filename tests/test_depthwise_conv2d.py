@@ -128,17 +128,6 @@ BLOCKED_CASES = [
     ((1, 16, 20, 24), (9, 9), 1, (0, 0)),        # "valid"
     ((4, 256, 11, 20), (9, 9), 1, None),         # 64 (b, group) planes: one row tile per plane
 ]
-BLOCKED_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in BLOCKED_CASES]
-
-
-@pytest.mark.parametrize("shape, kernel, dilation, padding", BLOCKED_CASES, ids=BLOCKED_IDS)
-@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
-@pytest.mark.parametrize("nchw_path", ["slabs", "rows"])
-def test_cpu_nchw_16_channel_slabs_match_reference(shape, kernel, dilation, padding, layout, nchw_path, monkeypatch):
-    monkeypatch.setenv("MEDATTN_DEPTHWISE_NCHW", nchw_path)
-    out, _ = run_parity("cpu", shape, kernel, dilation, padding, layout=layout, bias=layout == "contiguous")
-    assert out.is_contiguous()
-
 
 # NCHW float32 with W = 8 mod 16 (the networks' 56), an output as wide as the input and no row dilation runs,
 # in the AVX-512 pass on AMD CPUs, as flat runs of row pairs (zero-masked loads at the row ends; forward and
@@ -159,13 +148,16 @@ FLAT_CASES = [
     ((1, 3, 9, 20), (5, 5), 1, None),            # W = 4 mod 16: not flat
     ((1, 3, 9, 24), (5, 5), 1, (2, 0)),          # "valid" width, 20 columns out of 24: not flat
 ]
-FLAT_IDS = [f"{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for s, k, d, p in FLAT_CASES]
+# Each list under its path and under the row kernel.
+NCHW_PATH_CASES = ([(case, path) for case in BLOCKED_CASES for path in ("slabs", "rows")]
+                   + [(case, path) for case in FLAT_CASES for path in ("flat", "rows")])
+NCHW_PATH_IDS = [f"{path}-{s[1]}ch-{s[2]}x{s[3]}-k{k[0]}x{k[1]}-d{d}-p{p}" for (s, k, d, p), path in NCHW_PATH_CASES]
 
 
-@pytest.mark.parametrize("shape, kernel, dilation, padding", FLAT_CASES, ids=FLAT_IDS)
+@pytest.mark.parametrize("case, nchw_path", NCHW_PATH_CASES, ids=NCHW_PATH_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
-@pytest.mark.parametrize("nchw_path", ["flat", "rows"])
-def test_cpu_nchw_flat_row_pairs_match_reference(shape, kernel, dilation, padding, layout, nchw_path, monkeypatch):
+def test_cpu_nchw_paths_match_reference(case, nchw_path, layout, monkeypatch):
+    shape, kernel, dilation, padding = case
     monkeypatch.setenv("MEDATTN_DEPTHWISE_NCHW", nchw_path)
     out, _ = run_parity("cpu", shape, kernel, dilation, padding, layout=layout, bias=layout == "contiguous")
     assert out.is_contiguous()
