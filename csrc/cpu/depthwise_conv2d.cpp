@@ -987,6 +987,7 @@ void correlate_planes_blocked(const float* src, float* dst, const float* w, cons
     }
   });
 }
+
 // ---- NCHW planes as flat runs of row pairs (AVX-512, float, W = 8 mod 16, output as wide as the input, dh = 1)
 //
 // The row kernel covers a row of W = 56 floats with 3 zmm and a ymm (conv_block_best's half register). On a
@@ -1003,7 +1004,7 @@ void correlate_planes_blocked(const float* src, float* dst, const float* w, cons
 // block feeds pair rr through kernel row j - 2 rr: each load feeds half as many accumulators as in the row
 // kernel (odd rows' vectors sit 8 columns off the even rows'), so the kernel rows are kept in registers in
 // one group of up to 13 (16 accumulators + 13 weights + 2 inputs = 31 zmm): (KH + 14) R loads per 8 KH R
-// FMAs per tap column. With the row kernel's groups of at most 7 (22 loads per 56 FMAs) it ran no faster
+// FMAs per tap column. With the row kernel's groups of at most 7 ((7 + 14) R loads per 56 R FMAs) it ran no faster
 // than the row kernel. Taller kernels go in groups of at most 8: with two group sizes of 9 or more in one
 // function GCC spilled the accumulators.
 // (8, 64, 56, 56) forward on the Zen 5, in one process against the row kernel: see docs/depthwise_conv2d.md.
@@ -1019,7 +1020,9 @@ template <int RH, int R, int GMax, bool OneGroup>
 void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, const float* w, const Geometry& g,
                 float init, float* out, int64_t remaining) {
   __m512 a[RH][R];
-  static_for<RH, kInlineUnroll>([&](auto rr) { static_for<R, kInlineUnroll>([&](auto r) { a[rr][r] = _mm512_set1_ps(init); }); });
+  static_for<RH, kInlineUnroll>([&](auto rr) {
+    static_for<R, kInlineUnroll>([&](auto r) { a[rr][r] = _mm512_set1_ps(init); });
+  });
   auto group = [&](int64_t kh0, auto G) __attribute__((always_inline)) {
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       __m512 wv[G];
@@ -1029,11 +1032,15 @@ void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, 
       const float* rows = in + kh0 * W + kw * g.dw;
       static_for<G + 2 * (RH - 1), kInlineUnroll>([&](auto j) __attribute__((always_inline)) {
         __m512 x[R];
-        static_for<R, kInlineUnroll>([&](auto r) { x[r] = _mm512_maskz_loadu_ps(m[r], rows + j * W + 16 * r); });
+        static_for<R, kInlineUnroll>([&](auto r) {
+          x[r] = _mm512_maskz_loadu_ps(m[r], rows + j * W + 16 * r);
+        });
         static_for<RH, kInlineUnroll>([&](auto rr) {
           constexpr int kh = int(j) - 2 * int(rr);
           if constexpr (kh >= 0 && kh < G)
-            static_for<R, kInlineUnroll>([&](auto r) { a[rr][r] = _mm512_fmadd_ps(wv[kh], x[r], a[rr][r]); });
+            static_for<R, kInlineUnroll>([&](auto r) {
+              a[rr][r] = _mm512_fmadd_ps(wv[kh], x[r], a[rr][r]);
+            });
         });
       });
     }
@@ -1083,7 +1090,7 @@ inline bool flat_nchw_pays(int64_t src_cols, int64_t out_cols, const Geometry& g
   return fits && (forced == NchwPath::kFlat || (forced == NchwPath::kAuto && amd_cpu()));
 }
 
-// correlate_planes (same arguments and result) for float where flat_nchw_fits, see above.
+// correlate_planes (same arguments and result) for float where the flat form fits (flat_nchw_pays), see above.
 void correlate_planes_flat(const float* src, float* dst, const float* w, const float* bias, int64_t B, int64_t C,
                            int64_t src_rows, int64_t src_cols, int64_t out_rows, int64_t out_cols,
                            int64_t row_origin, int64_t col_origin, const Geometry& g) {
@@ -1114,7 +1121,8 @@ void correlate_planes_flat(const float* src, float* dst, const float* w, const f
       const int64_t n = r1 - r0, slab_rows = n + g.KH, pairs = (n + 1) / 2;
       // Whole rows: the in-plane ones are one contiguous copy, the others zeros.
       const int64_t sr0 = row_origin + r0;
-      const int64_t lo = std::clamp<int64_t>(-sr0, 0, slab_rows), hi = std::clamp<int64_t>(src_rows - sr0, lo, slab_rows);
+      const int64_t lo = std::clamp<int64_t>(-sr0, 0, slab_rows);
+      const int64_t hi = std::clamp<int64_t>(src_rows - sr0, lo, slab_rows);
       std::fill(slab, slab + lo * W, 0.f);
       std::memcpy(slab + lo * W, src + (p * src_rows + sr0 + lo) * W, (hi - lo) * W * sizeof(float));
       std::fill(slab + hi * W, slab + slab_rows * W, 0.f);
@@ -1174,7 +1182,8 @@ void correlate_nchw(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>* w
       return;
     }
     if (flat_nchw_pays(src_cols, out_cols, g, forced)) {
-      correlate_planes_flat(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin, col_origin, g);
+      correlate_planes_flat(src, dst, w, bias, B, C, src_rows, src_cols, out_rows, out_cols, row_origin, col_origin,
+                            g);
       return;
     }
   }
