@@ -134,7 +134,7 @@ BLOCKED_CASES = [
 # grad input). Forced here against the row kernel on every machine: W = 8 (one vector per pair, every tap
 # column masked somewhere), 24, 40, 56, 120; odd row counts (the last pair half stored), row tiles of one
 # row (few planes, many rows), H < KH, kernels of 1 to 13 rows in one weight group and taller ones in
-# groups, column dilation, H padding beyond the reach. The last cases do not fit the flat form (row
+# groups, column dilation, H padding beyond the reach and none. The last cases do not fit the flat form (row
 # dilation, W = 4 mod 16, "valid" width) and check that forcing it falls back to the row kernel.
 FLAT_CASES = [
     ((2, 3, 56, 56), (13, 13), 1, None),         # the networks' shape, one weight group of 13 rows
@@ -144,6 +144,10 @@ FLAT_CASES = [
     ((1, 2, 30, 40), (21, 5), 1, None),          # 21 rows: groups of 7
     ((1, 3, 11, 120), (1, 9), (1, 2), None),     # 1 kernel row, column dilation
     ((2, 2, 6, 24), (3, 3), 1, (4, 1)),          # H padding beyond the reach: the output grows in H only
+    # 11+ rows: the blocks skip their loads of the zero rows above and below the plane
+    ((1, 2, 9, 24), (11, 3), 1, (13, 1)),        # whole blocks of zero rows
+    ((1, 2, 20, 40), (11, 5), 1, (0, 2)),        # "valid" height: no zero rows
+    ((1, 2, 16, 24), (11, 3), (2, 1), (7, 1)),   # row dilation (not flat): rows 2 apart, some zero
     ((1, 3, 9, 40), (5, 5), (2, 1), None),       # row dilation: not flat
     ((1, 3, 9, 20), (5, 5), 1, None),            # W = 4 mod 16: not flat
     ((1, 3, 9, 24), (5, 5), 1, (2, 0)),          # "valid" width, 20 columns out of 24: not flat
