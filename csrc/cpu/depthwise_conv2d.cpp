@@ -38,7 +38,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <limits>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -166,28 +165,6 @@ struct Geometry {
   int64_t KH, KW, dh, dw;
 };
 
-// A register block's loads that can meet plane values: load index i (the block's first slab row plus i
-// kernel-row steps) in [begin, end). The slab's zero rows above and below the plane are not loaded and
-// their FMAs not issued: with "same" padding, about KH / (4 H) of the FMAs (56 rows: K = 13 5.8%, K = 21
-// 9.4%). Each load's check is a branch whose outcome changes between a plane's edge blocks and the others;
-// the mispredictions cost about what shorter kernels save. (8, 64, 56, 56) forward on the Zen 5, skipping
-// against not skipping in one process (nosplit / split time): flat form K = 7 1.00, 9 1.01, 11 1.02, 13
-// 1.04-1.05, 21 1.08; row kernel K = 7 0.98, 9 1.00, 11 1.02, 13 1.03; AVX2 pass K = 7 1.01, 13 1.04.
-// So shorter kernels than kSkipMinRows keep every load (the checks then always pass, predicted).
-constexpr int64_t kSkipMinRows = 11;
-struct LoadRows {
-  int64_t begin, end;
-  bool skips(int64_t i) const { return i < begin || i >= end; }
-};
-constexpr LoadRows kAllLoads{std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()};
-
-// Slab rows [lo, hi) hold the plane; the block's load i reads slab row first + step i.
-inline LoadRows load_rows(int64_t lo, int64_t hi, int64_t first, const Geometry& g) {
-  if (g.KH < kSkipMinRows) return kAllLoads;
-  const auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -(-a / b); };
-  return {ceil_div(lo - first, g.dh), ceil_div(hi - first, g.dh)};
-}
-
 // The rows of the plane window a slab buffer holds. Its zeros (rows and columns outside the plane) depend
 // on the window only, and consecutive items of a thread mostly have the same window (whole planes, or the
 // same row tile of the next plane), so a refill of the same window copies the in-plane values alone. The
@@ -267,8 +244,8 @@ MEDATTN_ALWAYS_INLINE void store_block(const typename Simd<acc>::vec (&a)[RH][R]
 // RH * R accumulators (16 with AVX-512, 12 with AVX2: see kBlock) cover the FMA latency (4 cycles x 2
 // FMA units) with room to spare.
 template <typename scalar_t, typename acc, int RH, int R>
-inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, const LoadRows& loads,
-                       acc init, scalar_t* out, int64_t out_stride, int64_t valid) {
+inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
+                       int64_t out_stride, int64_t valid) {
   using V = typename Simd<acc>::vec;
   constexpr int N = Simd<acc>::N;
   V a[RH][R];
@@ -278,7 +255,6 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
   // Slab row i feeds output rows lo <= rr < hi (compile-time bounds: unrolled, branch-free) with the
   // weights of kernel row i - rr.
   auto slab_row = [&](int64_t i, auto lo, auto hi) {
-    if (loads.skips(i)) return;
     const acc* row = slab + i * row_step;
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       V x[R];
@@ -304,7 +280,6 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
     });
   } else {  // kernels shorter than the block: each row checks which output rows it reaches
     for (int64_t i = 0; i < g.KH + RH - 1; ++i) {
-      if (loads.skips(i)) continue;
       const acc* row = slab + i * row_step;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
         V x[R];
@@ -335,8 +310,8 @@ inline void conv_block(const acc* slab, int64_t width, const acc* w, const Geome
 // accumulators must never leave registers, so no runtime-size dispatch (with_count) runs inside.
 // OneGroup (KH <= kWeightGroup, e.g. K = 7): no run-time group loop around the accumulators (~5% at K = 7).
 template <typename scalar_t, typename acc, int RH, int R, int GMax, bool Half, bool OneGroup>
-void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geometry& g, const LoadRows& loads,
-                        acc init, scalar_t* out, int64_t out_stride, int64_t valid) {
+void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
+                        int64_t out_stride, int64_t valid) {
   using V = typename Simd<acc>::vec;
   using VH = typename Simd<acc>::half;
   constexpr int N = Simd<acc>::N;
@@ -353,7 +328,6 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
       V wv[G];
       static_for<G, kInlineUnroll>([&](auto k) { wv[k] = splat<acc>(w[(kh0 + k) * g.KW + kw]); });
       static_for<G + RH - 1, kInlineUnroll>([&](auto j) __attribute__((always_inline)) {
-        if (loads.skips(kh0 + j)) return;
         const acc* row = slab + (kh0 + j) * row_step + kw * g.dw;
         V x[RF];
         MEDATTN_UNROLL for (int r = 0; r < RF; ++r) x[r] = loadu<acc>(row + r * N);
@@ -388,9 +362,8 @@ void conv_block_grouped(const acc* slab, int64_t width, const acc* w, const Geom
 // Full AVX-512 row blocks take the grouped kernel; partial ones (and the AVX2 / DEFAULT passes, whose 16
 // registers have no room for the weights beside 12 accumulators) the row-major one.
 template <typename scalar_t, typename acc, int RH, int R>
-MEDATTN_ALWAYS_INLINE void conv_block_best(const acc* slab, int64_t width, const acc* w, const Geometry& g,
-                                           const LoadRows& loads, acc init, scalar_t* out, int64_t out_stride,
-                                           int64_t valid) {
+MEDATTN_ALWAYS_INLINE void conv_block_best(const acc* slab, int64_t width, const acc* w, const Geometry& g, acc init,
+                                           scalar_t* out, int64_t out_stride, int64_t valid) {
   if constexpr (kWeightGroup > 0 && RH == kRowBlock) {
     constexpr int N = Simd<acc>::N;
     constexpr int64_t kGroup = std::max(kWeightGroup, 1);  // (this line is compiled in every pass)
@@ -402,34 +375,32 @@ MEDATTN_ALWAYS_INLINE void conv_block_best(const acc* slab, int64_t width, const
       const auto run = [&](auto one_group) {
         if constexpr (R > 1) {
           if (half)
-            return conv_block_grouped<scalar_t, acc, RH, R, GMax, true, one_group>(slab, width, w, g, loads, init,
-                                                                                  out, out_stride, valid);
+            return conv_block_grouped<scalar_t, acc, RH, R, GMax, true, one_group>(slab, width, w, g, init, out,
+                                                                                  out_stride, valid);
         }
-        conv_block_grouped<scalar_t, acc, RH, R, GMax, false, one_group>(slab, width, w, g, loads, init, out,
-                                                                        out_stride, valid);
+        conv_block_grouped<scalar_t, acc, RH, R, GMax, false, one_group>(slab, width, w, g, init, out, out_stride,
+                                                                        valid);
       };
       if (groups == 1) return run(std::true_type{});
       run(std::false_type{});
     });
   }
-  conv_block<scalar_t, acc, RH, R>(slab, width, w, g, loads, init, out, out_stride, valid);
+  conv_block<scalar_t, acc, RH, R>(slab, width, w, g, init, out, out_stride, valid);
 }
 
 // RH output rows spaced dh apart (output row stride out_stride), all out_cols columns; the block's
 // first row's window starts at slab row `slab_row`.
 template <typename scalar_t, typename acc, int RH>
-void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, const LoadRows& loads, acc init,
-               scalar_t* out, int64_t out_stride, int64_t out_cols) {
+void conv_rows(const acc* slab_row, int64_t width, const acc* w, const Geometry& g, acc init, scalar_t* out,
+               int64_t out_stride, int64_t out_cols) {
   constexpr int N = Simd<acc>::N;
   int64_t c = 0;
   for (; c + kBlock * N <= out_cols; c += kBlock * N)
-    conv_block_best<scalar_t, acc, RH, kBlock>(slab_row + c, width, w, g, loads, init, out + c, out_stride,
-                                               out_cols - c);
+    conv_block_best<scalar_t, acc, RH, kBlock>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
   const int64_t rest = (out_cols - c + N - 1) / N;  // vectors left (rounded up), 0..kBlock
   if (rest > 0)
     with_count<kBlock>(rest, [&](auto R) {
-      conv_block_best<scalar_t, acc, RH, R>(slab_row + c, width, w, g, loads, init, out + c, out_stride,
-                                            out_cols - c);
+      conv_block_best<scalar_t, acc, RH, R>(slab_row + c, width, w, g, init, out + c, out_stride, out_cols - c);
     });
 }
 
@@ -481,9 +452,6 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
       const int64_t slab_rows = (r1 - r0) + g.dh * (g.KH - 1);
       fill_slab(slab.data(), held, src + p * src_rows * src_cols, src_rows, src_cols, row_origin + r0, slab_rows,
                 col_origin, width);
-      // Slab rows [lo, hi) hold the plane (see LoadRows).
-      const int64_t lo = std::clamp<int64_t>(-(row_origin + r0), 0, slab_rows);
-      const int64_t hi = std::clamp<int64_t>(src_rows - (row_origin + r0), lo, slab_rows);
       NextItemRows next(src, item, end, tiles, tile, row_origin, src_rows, src_cols, slab_rows,
                         (r1 - r0 + kRowBlock - 1) / kRowBlock);
       const acc* wp = w + c * g.KH * g.KW;
@@ -504,8 +472,7 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
           // 0.553 -> 0.542; AVX2 pass K = 13 3.02 -> 2.92 (docs/depthwise_conv2d.md).
           for (int64_t k = 0; k < n; ++k) prefetch_range<3>(o + k * stride, out_cols * int64_t(sizeof(scalar_t)));
           with_count<kRowBlock>(n, [&](auto RH) {
-            conv_rows<scalar_t, acc, RH>(slab_row, width, wp, g, load_rows(lo, hi, r - r0, g), init, o, stride,
-                                         out_cols);
+            conv_rows<scalar_t, acc, RH>(slab_row, width, wp, g, init, o, stride, out_cols);
           });
           next.fetch_slice();
         }
@@ -997,9 +964,9 @@ void correlate_planes_blocked(const float* src, float* dst, const float* w, cons
       fill_slab_nhwc16(slab, src + bk * N * src_rows * src_cols, src_rows, src_cols, row_origin + r0, slab_rows,
                        col_origin, width);
       // Slab rows [lo, hi) hold the plane: the strips see only those (their kernel-row range stops at the
-      // plane's edges), so the zero rows cost no FMAs (at 56 rows, K = 31: 14% of them). (8, 64, 56, 56)
-      // forward on the Zen 5 against the whole slab, in one process: K = 31 10.7% faster, K = 21 and 13
-      // within noise (+0.6%, -0.6%: not understood yet; 9.4% and 5.8% of their FMAs are skipped).
+      // plane's edges), so the zero rows above and below cost no FMAs (with "same" padding about KH / (4 H)
+      // of them; 56 rows, K = 31: 14%). (8, 64, 56, 56) forward on the Zen 5 against the whole slab, in one
+      // process: K = 31 10.7% faster; K = 21 and 13 within noise (+0.6%, -0.6%), not understood yet.
       const int64_t lo = std::clamp<int64_t>(-(row_origin + r0), 0, slab_rows);
       const int64_t hi = std::clamp<int64_t>(src_rows - (row_origin + r0), lo, slab_rows);
       const float* plane_rows = slab + lo * width * N;
@@ -1054,21 +1021,11 @@ constexpr int kFlatOneGroup = 13;    // KH up to this: all kernel rows' weights 
 constexpr int kFlatGroup = 8;        // taller kernels: groups of at most this many rows
 static_assert(kFlatPairBlock == 8, "correlate_planes_flat runs the rest of a plane in blocks of 4, 2 and 1 pairs");
 
-// LoadRows of a flat block. Slab rows [lo, hi) hold the plane; the block starts at slab row row0 and covers
-// lanes [16 v, 16 (v + R)) of each row pair, rows first_row..last_row (0 or 1) of the pair: its load i
-// reads slab rows row0 + i + first_row .. row0 + i + last_row, and is skipped when all of them are zeros.
-inline LoadRows flat_load_rows(int64_t lo, int64_t hi, int64_t row0, int64_t v, int64_t R, int64_t W,
-                               const Geometry& g) {
-  if (g.KH < kSkipMinRows) return kAllLoads;
-  const int64_t first_row = 16 * v / W, last_row = (16 * (v + R) - 1) / W;
-  return {lo - row0 - last_row, hi - row0 - first_row};
-}
-
 // One register block (see above). in: the block's first input position (o0 + col_origin in the slab);
 // masks: [KW][VS] from the block's first vector's column; remaining: output values from out to the item's end.
 template <int RH, int R, int GMax, bool OneGroup>
 void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, const float* w, const Geometry& g,
-                const LoadRows& loads, float init, float* out, int64_t remaining) {
+                float init, float* out, int64_t remaining) {
   __m512 a[RH][R];
   static_for<RH, kInlineUnroll>([&](auto rr) {
     static_for<R, kInlineUnroll>([&](auto r) { a[rr][r] = _mm512_set1_ps(init); });
@@ -1081,7 +1038,6 @@ void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, 
       static_for<R, kInlineUnroll>([&](auto r) { m[r] = masks[kw * VS + r]; });
       const float* rows = in + kh0 * W + kw * g.dw;
       static_for<G + 2 * (RH - 1), kInlineUnroll>([&](auto j) __attribute__((always_inline)) {
-        if (loads.skips(kh0 + j)) return;
         __m512 x[R];
         static_for<R, kInlineUnroll>([&](auto r) {
           x[r] = _mm512_maskz_loadu_ps(m[r], rows + j * W + 16 * r);
@@ -1121,14 +1077,14 @@ void flat_block(const float* in, int64_t W, const __mmask16* masks, int64_t VS, 
 
 template <int RH, int R>
 void flat_block_any(const float* in, int64_t W, const __mmask16* masks, int64_t VS, const float* w, const Geometry& g,
-                    const LoadRows& loads, float init, float* out, int64_t remaining) {
+                    float init, float* out, int64_t remaining) {
   if (g.KH <= kFlatOneGroup)
     return with_count<kFlatOneGroup>(g.KH, [&](auto G) {
-      flat_block<RH, R, G, true>(in, W, masks, VS, w, g, loads, init, out, remaining);
+      flat_block<RH, R, G, true>(in, W, masks, VS, w, g, init, out, remaining);
     });
   const int64_t groups = (g.KH + kFlatGroup - 1) / kFlatGroup;
   with_count<kFlatGroup>((g.KH + groups - 1) / groups, [&](auto GMax) {
-    flat_block<RH, R, GMax, false>(in, W, masks, VS, w, g, loads, init, out, remaining);
+    flat_block<RH, R, GMax, false>(in, W, masks, VS, w, g, init, out, remaining);
   });
 }
 
@@ -1192,14 +1148,13 @@ void correlate_planes_flat(const float* src, float* dst, const float* w, const f
         // The block's output lines before its FMAs, as in correlate_planes.
         prefetch_range<3>(out + o0, std::min<int64_t>(rh * 2 * W, total - o0) * int64_t(sizeof(float)));
         const auto run = [&](auto RH) {
-          const auto blocks = [&](int64_t v, auto R) {
-            const LoadRows loads = flat_load_rows(lo, hi, 2 * s, v, R, W, g);
-            flat_block_any<RH, R>(slab + col_origin + o0 + 16 * v, W, masks.data() + v, VS, wp, g, loads, init,
-                                  out + o0 + 16 * v, total - o0 - 16 * v);
-          };
           int64_t v = 0;
-          for (; v + kFlatBlock <= VS; v += kFlatBlock) blocks(v, std::integral_constant<int, kFlatBlock>{});
-          if (v < VS) blocks(v, std::integral_constant<int, 1>{});
+          for (; v + kFlatBlock <= VS; v += kFlatBlock)
+            flat_block_any<RH, kFlatBlock>(slab + col_origin + o0 + 16 * v, W, masks.data() + v, VS, wp, g, init,
+                                           out + o0 + 16 * v, total - o0 - 16 * v);
+          if (v < VS)
+            flat_block_any<RH, 1>(slab + col_origin + o0 + 16 * v, W, masks.data() + v, VS, wp, g, init,
+                                  out + o0 + 16 * v, total - o0 - 16 * v);
         };
         if (rh == kFlatPairBlock)
           run(std::integral_constant<int, kFlatPairBlock>{});
