@@ -144,7 +144,7 @@ FLAT_CASES = [
     ((1, 2, 30, 40), (21, 5), 1, None),          # 21 rows: groups of 7
     ((1, 3, 11, 120), (1, 9), (1, 2), None),     # 1 kernel row, column dilation
     ((2, 2, 6, 24), (3, 3), 1, (4, 1)),          # H padding beyond the reach: the output grows in H only
-    # 11+ rows: the blocks skip their loads of the zero rows above and below the plane
+    # 11-row kernels with whole blocks of zero rows, none, and rows 2 apart
     ((1, 2, 9, 24), (11, 3), 1, (13, 1)),        # whole blocks of zero rows
     ((1, 2, 20, 40), (11, 5), 1, (0, 2)),        # "valid" height: no zero rows
     ((1, 2, 16, 24), (11, 3), (2, 1), (7, 1)),   # row dilation (not flat): rows 2 apart, some zero
