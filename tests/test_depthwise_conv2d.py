@@ -174,6 +174,14 @@ def test_cpu_nchw_path_switch_rejects_other_values(monkeypatch):
         mk.depthwise_conv2d(x, w, backend="cpu")
 
 
+# NCHW x with C >= 16 and 9 x 9 taps or more: in the AVX-512 pass, grad weight (and bias) through channels_last
+# copies and the NHWC kernel, also for float64 and bfloat16 (elsewhere the NCHW kernel: the same check).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_cpu_nchw_large_kernel_weight_grad(dtype, layout):
+    run_parity("cpu", (2, 17, 11, 20), (9, 11), 1, None, dtype=dtype, layout=layout)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("case", [NHWC_CASES[1], NHWC_CASES[3]], ids=[NHWC_IDS[1], NHWC_IDS[3]])
 def test_cpu_channels_last_other_dtypes(case, dtype):
@@ -234,7 +242,8 @@ def test_deterministic_and_keeps_only_inputs():
     assert saved_tensor_bytes(lambda *t: mk.depthwise_conv2d(*t, backend="cpu"), x, w, b) == 0
 
 
-@pytest.mark.parametrize("channels, layout", [(3, "contiguous"), (20, "channels_last")])
+# (20, "contiguous"): in the AVX-512 pass, NCHW grad weight from 9 x 9 taps runs the NHWC kernel on copies.
+@pytest.mark.parametrize("channels, layout", [(3, "contiguous"), (20, "contiguous"), (20, "channels_last")])
 def test_grad_weight_independent_of_thread_count(channels, layout):
     x = make_tensor((2, channels, 31, 27), layout=layout)
     w = make_tensor((channels, 1, 13, 13))

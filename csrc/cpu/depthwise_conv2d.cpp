@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1378,6 +1379,24 @@ bool use_nhwc(const Conv& s, at::ScalarType dtype) {
   return s.channels_last && s.C >= lanes;
 }
 
+// NCHW grad weight through channels_last copies of x and grad_out and the NHWC kernel (weight_bias_grad_nhwc),
+// in the AVX-512 pass from 9 x 9 taps on: there the NCHW kernel (weight_grad_item) ran at ~120 GFLOP/s and
+// the NHWC one 3-4x faster, while the two copies cost about a 7 x 7 NCHW grad weight. (8, 64, 56, 56) float
+// on the Zen 5, NCHW fwd + bwd (all three gradients), one process, both routes behind a per-call switch,
+// 5-7 rounds, old / new time: K = 3 0.75, 5 0.84, 7 0.95, 9 1.29, 13 1.34, 31 1.91. The AVX2 pass's NHWC
+// kernel is not faster than its NCHW one (K = 9 0.90, K = 13 0.92): it keeps the NCHW kernel. The copies
+// are transient (two tensors of x's size during this backward); nothing more is kept for backward.
+constexpr int64_t kWeightGradNhwcTaps = 81;
+inline bool weight_grad_via_nhwc(const Conv& s, at::ScalarType dtype) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t lanes = dtype == at::kDouble ? Simd<double>::N : Simd<float>::N;
+  return s.C >= lanes && s.KH * s.KW >= kWeightGradNhwcTaps;
+#else
+  (void)s, (void)dtype;
+  return false;
+#endif
+}
+
 inline at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline at::Tensor channels_last_as(const at::Tensor& t, at::ScalarType dtype) {
@@ -1488,7 +1507,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward(const at::Tensor& gra
     }
     grad_x = to_layout(gx, s.channels_last);
   }
-  if (mask[1] || mask[2]) {
+  if (mask[1] && weight_grad_via_nhwc(s, x_in.scalar_type()) && s.B > 0) {
+    std::tie(std::ignore, grad_w, grad_b) = backward_nhwc(s, grad_in, x_in, weight, {false, true, mask[2]});
+  } else if (mask[1] || mask[2]) {
     if (mask[1]) grad_w = at::empty({s.C, 1, s.KH, s.KW}, x_in.options());
     if (mask[2]) grad_b = at::empty({s.C}, x_in.options());
     if (s.B == 0) {
