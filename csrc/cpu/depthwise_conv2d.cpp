@@ -26,6 +26,8 @@
 // lines.
 // AVX-512, float32, AMD CPUs, W = 8 mod 16 (W = 56) below those taps: the planes as flat runs of row pairs
 // (correlate_planes_flat), whose vectors hold no dropped lanes.
+// AVX-512, C >= one vector, at least 9 x 9 taps: NCHW grad weight runs the NHWC kernel on channels_last
+// copies of x and grad_out (weight_grad_via_nhwc).
 //
 // Layouts: NCHW is used as is; channels_last x with C >= one vector runs the native NHWC kernels below
 // (vectorised over C, no layout copy); other strided inputs (and channels_last with fewer channels) are
@@ -1383,9 +1385,9 @@ bool use_nhwc(const Conv& s, at::ScalarType dtype) {
 // in the AVX-512 pass from 9 x 9 taps on: there the NCHW kernel (weight_grad_item) ran at ~120 GFLOP/s and
 // the NHWC one 3-4x faster, while the two copies cost about a 7 x 7 NCHW grad weight. (8, 64, 56, 56) float
 // on the Zen 5, NCHW fwd + bwd (all three gradients), one process, both routes behind a per-call switch,
-// 5-7 rounds, old / new time: K = 3 0.75, 5 0.84, 7 0.95, 9 1.29, 13 1.34, 31 1.91. The AVX2 pass's NHWC
-// kernel is not faster than its NCHW one (K = 9 0.90, K = 13 0.92): it keeps the NCHW kernel. The copies
-// are transient (two tensors of x's size during this backward); nothing more is kept for backward.
+// 5-7 rounds, old / new time: K = 3 0.75, 5 0.84, 7 0.95, 9 1.29, 13 1.34, 31 1.91 (Intel CPUs: untimed).
+// In the AVX2 pass copies + NHWC kernel were not faster (K = 9 0.90, K = 13 0.92): it keeps the NCHW kernel.
+// The copies are transient (two tensors of x's size during this backward); nothing more is kept for backward.
 constexpr int64_t kWeightGradNhwcTaps = 81;
 inline bool weight_grad_via_nhwc(const Conv& s, at::ScalarType dtype) {
 #if defined(CPU_CAPABILITY_AVX512)
