@@ -16,7 +16,9 @@
 //    grad_out whose origin is (ph - dh (KH-1), pw - dw (KW-1)) (a negative pad crops).
 //  * grad weight[kh, kw] = sum_{b,h,w} g[b,h,w] x_pad[h + dh kh, w + dw kw]: per item, register blocks of
 //    kKhBlock kernel rows x kKwBlock taps; each shifted x vector is loaded once for the block's kernel
-//    rows (x row i meets kernel row kh through g row i - dh kh), reduced over the item's rows. Each item writes its
+//    rows (x row i meets kernel row kh through g row i - dh kh), reduced over the item's rows; where that g row
+//    is outside the item a zero row stands in, so the block runs without tests (items whose x rows are all
+//    finite: 0 * Inf would be NaN; other items take a loop that skips those rows). Each item writes its
 //    partial [KH*KW] sums (and the grad bias partial) to its own slot; a second pass sums the slots of
 //    each channel in item order. No atomics: bit-identical results run to run, whatever the thread count
 //    (the row tiling depends on the shape only).
@@ -484,6 +486,87 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
   });
 }
 
+// Whether every value of x[0, n) is finite: sum of x * 0 is 0 then, NaN otherwise.
+template <typename acc>
+inline bool all_finite(const acc* x, int64_t n) {
+  using V = typename Simd<acc>::vec;
+  constexpr int N = Simd<acc>::N;
+  const V zero = splat<acc>(acc(0));
+  V s = zero;
+  int64_t i = 0;
+  for (; i + N <= n; i += N) s += loadu<acc>(x + i) * zero;
+  acc t = hsum<acc>(s);
+  for (; i < n; ++i) t += x[i] * acc(0);
+  return t == acc(0);
+}
+
+// Pins v to a register at this point, so that GCC loads it once rather than folding a load into each FMA
+// that uses it (in weight_grad_block: the grad_out vector, used by every tap of the block).
+template <typename V>
+MEDATTN_ALWAYS_INLINE void pin_register(V& v) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
+// One kernel-row block over all of an item's slab rows with no test per vector: NKH kernel rows x kKwBlock
+// taps in registers. Kernel row u meets slab row i through grad_out row i - dh u; where that row lies outside
+// the item (the first and last dh (NKH - 1) slab rows), the all-zero row gzero stands in. 0 * x is 0 for
+// finite x only, so the caller runs this on items whose slab is all finite.
+template <typename acc, int NKH>
+MEDATTN_ALWAYS_INLINE void weight_grad_block(const acc* gbuf, const acc* gzero, int64_t gwidth, const acc* xslab,
+                                             int64_t xwidth, int64_t rows, int64_t full, bool tail,
+                                             const typename Simd<acc>::mask& tail_mask, int64_t dh, int64_t dw,
+                                             typename Simd<acc>::vec (&a)[kKhBlock][kKwBlock]) {
+  using V = typename Simd<acc>::vec;
+  const V zero = splat<acc>(acc(0));
+  // Sums in a local array indexed by compile-time constants only, so that they live in registers (through
+  // the caller's array, GCC kept them on the stack: a store per FMA).
+  V sums[NKH][kKwBlock];
+  static_for<NKH>([&](auto u) { static_for<kKwBlock>([&](auto j) { sums[u][j] = zero; }); });
+  const auto step = [&](const acc* const (&grow)[NKH], int64_t c, const V (&xv)[kKwBlock]) MEDATTN_ALWAYS_INLINE_LAMBDA {
+    static_for<NKH>([&](auto u) {
+      V gv = loadu<acc>(grow[u] + c);
+      pin_register(gv);
+      static_for<kKwBlock>([&](auto j) { sums[u][j] += gv * xv[j]; });
+    });
+  };
+  // Slab rows [i0, i1), grad_out row of kernel row u = g_row(i, u).
+  const auto run_rows = [&](int64_t i0, int64_t i1, const auto& g_row) MEDATTN_ALWAYS_INLINE_LAMBDA {
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc* xrow = xslab + i * xwidth;
+      const acc* grow[NKH];
+      static_for<NKH>([&](auto u) { grow[u] = g_row(i, u); });
+      for (int64_t c = 0; c < full; c += Simd<acc>::N) {
+        V xv[kKwBlock];
+        static_for<kKwBlock>([&](auto j) { xv[j] = loadu<acc>(xrow + c + j * dw); });
+        step(grow, c, xv);
+      }
+      if (tail) {
+        V xv[kKwBlock];
+        static_for<kKwBlock>([&](auto j) { xv[j] = tail_mask ? loadu<acc>(xrow + full + j * dw) : zero; });
+        step(grow, full, xv);
+      }
+    }
+  };
+  const auto clipped = [&](int64_t i, int64_t u) {
+    const int64_t h = i - dh * u;
+    return (h >= 0 && h < rows) ? gbuf + h * gwidth : gzero;
+  };
+  const auto inside = [&](int64_t i, int64_t u) { return gbuf + (i - dh * u) * gwidth; };
+  const int64_t reach = dh * (NKH - 1), end = rows + reach;
+  if (rows > reach) {  // rows [reach, rows) meet a grad_out row for every kernel row: no clipping there
+    run_rows(0, reach, clipped);
+    run_rows(reach, rows, inside);
+    run_rows(rows, end, clipped);
+  } else {
+    run_rows(0, end, clipped);
+  }
+  static_for<NKH>([&](auto u) { static_for<kKwBlock>([&](auto j) { a[u][j] = sums[u][j]; }); });
+}
+
 // grad weight partials of one item: rows [0, rows) of the item's grad_out rows (gbuf, zero beyond Wo)
 // against the matching padded input rows (xslab). part_w[KH*KW] receives the item's sums.
 // Register block: kKhBlock kernel rows x kKwBlock taps (16 accumulators with AVX-512, 8 with AVX2).
@@ -491,9 +574,13 @@ void correlate_planes(const scalar_t* src, scalar_t* dst, const acc_t<scalar_t>*
 // block loads each shifted input vector once for all kKhBlock kernel rows (and each grad_out vector,
 // row-aligned, once per tap pair): kKwBlock + kKhBlock loads per kKwBlock kKhBlock FMAs (10 per 16
 // with AVX-512, 6 per 8 with AVX2) instead of two per FMA.
+// An item whose input rows are all finite (`finite`, nearly every item) runs weight_grad_block: no test
+// per vector, sums in registers, each grad_out vector loaded once. Measured on the Zen 5, (8, 64, 56, 56)
+// grad weight alone, against this loop for every item, one process, interleaved: AVX512 pass K = 7 1.98
+// -> 0.84 ms, 13 6.75 -> 2.75, 31 34.8 -> 13.1; AVX2 pass K = 7 2.74 -> 1.21, 13 9.69 -> 3.76.
 template <typename acc>
-void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t xwidth, int64_t rows,
-                      int64_t out_cols, const Geometry& g, acc* part_w) {
+void weight_grad_item(const acc* gbuf, const acc* gzero, int64_t gwidth, const acc* xslab, int64_t xwidth,
+                      int64_t rows, int64_t out_cols, const Geometry& g, bool finite, acc* part_w) {
   using V = typename Simd<acc>::vec;
   using M = typename Simd<acc>::mask;
   constexpr int N = Simd<acc>::N;
@@ -510,32 +597,40 @@ void weight_grad_item(const acc* gbuf, int64_t gwidth, const acc* xslab, int64_t
       V a[kKhBlock][kKwBlock];
       for (int u = 0; u < kKhBlock; ++u)
         for (int j = 0; j < kKwBlock; ++j) a[u][j] = zero;
-      // slab row dh kh0 + i meets kernel row kh0 + u through grad_out row i - dh u.
-      for (int64_t i = 0; i < rows + g.dh * (nkh - 1); ++i) {
-        const acc* xrow = xslab + (g.dh * kh0 + i) * xwidth + kw0 * g.dw;
-        const acc* grow[kKhBlock];
-        bool used[kKhBlock];
-        for (int u = 0; u < kKhBlock; ++u) {
-          const int64_t h = i - g.dh * u;
-          used[u] = u < nkh && h >= 0 && h < rows;
-          grow[u] = gbuf + (used[u] ? h : 0) * gwidth;
-        }
-        for (int64_t c = 0; c < full; c += N) {
-          V xv[kKwBlock];
-          for (int j = 0; j < kKwBlock; ++j) xv[j] = loadu<acc>(xrow + c + j * g.dw);
+      if (finite) {
+        with_count<kKhBlock>(nkh, [&](auto NKH) {
+          weight_grad_block<acc, NKH>(gbuf, gzero, gwidth, xslab + g.dh * kh0 * xwidth + kw0 * g.dw, xwidth, rows,
+                                      full, tail, tail_mask, g.dh, g.dw, a);
+        });
+      } else {
+        // Any input: kernel rows whose grad_out row is outside the item are skipped, not multiplied by zero.
+        // slab row dh kh0 + i meets kernel row kh0 + u through grad_out row i - dh u.
+        for (int64_t i = 0; i < rows + g.dh * (nkh - 1); ++i) {
+          const acc* xrow = xslab + (g.dh * kh0 + i) * xwidth + kw0 * g.dw;
+          const acc* grow[kKhBlock];
+          bool used[kKhBlock];
           for (int u = 0; u < kKhBlock; ++u) {
-            if (!used[u]) continue;
-            const V gv = loadu<acc>(grow[u] + c);
-            for (int j = 0; j < kKwBlock; ++j) a[u][j] += gv * xv[j];
+            const int64_t h = i - g.dh * u;
+            used[u] = u < nkh && h >= 0 && h < rows;
+            grow[u] = gbuf + (used[u] ? h : 0) * gwidth;
           }
-        }
-        if (tail) {
-          V xv[kKwBlock];
-          for (int j = 0; j < kKwBlock; ++j) xv[j] = tail_mask ? loadu<acc>(xrow + full + j * g.dw) : zero;
-          for (int u = 0; u < kKhBlock; ++u) {
-            if (!used[u]) continue;
-            const V gv = loadu<acc>(grow[u] + full);
-            for (int j = 0; j < kKwBlock; ++j) a[u][j] += gv * xv[j];
+          for (int64_t c = 0; c < full; c += N) {
+            V xv[kKwBlock];
+            for (int j = 0; j < kKwBlock; ++j) xv[j] = loadu<acc>(xrow + c + j * g.dw);
+            for (int u = 0; u < kKhBlock; ++u) {
+              if (!used[u]) continue;
+              const V gv = loadu<acc>(grow[u] + c);
+              for (int j = 0; j < kKwBlock; ++j) a[u][j] += gv * xv[j];
+            }
+          }
+          if (tail) {
+            V xv[kKwBlock];
+            for (int j = 0; j < kKwBlock; ++j) xv[j] = tail_mask ? loadu<acc>(xrow + full + j * g.dw) : zero;
+            for (int u = 0; u < kKhBlock; ++u) {
+              if (!used[u]) continue;
+              const V gv = loadu<acc>(grow[u] + full);
+              for (int j = 0; j < kKwBlock; ++j) a[u][j] += gv * xv[j];
+            }
           }
         }
       }
@@ -562,7 +657,7 @@ void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w,
   std::vector<acc> partial(planes * tiles * (taps + 1));
   at::parallel_for(0, planes * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> xslab((tile + g.dh * (g.KH - 1)) * xwidth);
-    std::vector<acc> gbuf(tile * gwidth);
+    std::vector<acc> gbuf(tile * gwidth), gzero(gwidth, acc(0));
     SlabWindow x_held, g_held;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / tiles, t = item % tiles, b = p / C, c = p % C;
@@ -571,7 +666,8 @@ void weight_bias_grad(const scalar_t* gout, const scalar_t* x, scalar_t* grad_w,
       fill_slab(gbuf.data(), g_held, gout + p * Ho * Wo, Ho, Wo, r0, rows, 0, gwidth);
       if (grad_w) {
         fill_slab(xslab.data(), x_held, x + p * H * W, H, W, r0 - ph, rows + g.dh * (g.KH - 1), -pw, xwidth);
-        weight_grad_item<acc>(gbuf.data(), gwidth, xslab.data(), xwidth, rows, Wo, g, part);
+        const bool finite = all_finite(xslab.data(), (rows + g.dh * (g.KH - 1)) * xwidth);
+        weight_grad_item<acc>(gbuf.data(), gzero.data(), gwidth, xslab.data(), xwidth, rows, Wo, g, finite, part);
       }
       if (grad_b) {
         // Vector partial sums over the zero-padded rows (a scalar loop would be one add per
@@ -1382,12 +1478,14 @@ bool use_nhwc(const Conv& s, at::ScalarType dtype) {
 }
 
 // NCHW grad weight through channels_last copies of x and grad_out and the NHWC kernel (weight_bias_grad_nhwc),
-// in the AVX-512 pass from 9 x 9 taps on: there the NCHW kernel (weight_grad_item) ran at ~120 GFLOP/s and
-// the NHWC one 3-4x faster, while the two copies cost about a 7 x 7 NCHW grad weight. (8, 64, 56, 56) float
-// on the Zen 5, NCHW fwd + bwd (all three gradients), one process, both routes behind a per-call switch,
-// 5-7 rounds, old / new time: K = 3 0.75, 5 0.84, 7 0.95, 9 1.29, 13 1.34, 31 1.91 (Intel CPUs: untimed).
-// In the AVX2 pass copies + NHWC kernel were not faster (K = 9 0.90, K = 13 0.92): it keeps the NCHW kernel.
-// The copies are transient (two tensors of x's size during this backward); nothing more is kept for backward.
+// in the AVX-512 pass from 9 x 9 taps on, where the NHWC kernel's whole-line loads beat the NCHW one
+// (weight_grad_item) by more than the two copies cost. (8, 64, 56, 56) float on the Zen 5, grad weight alone,
+// NCHW kernel / copies + NHWC kernel, one process, interleaved: K = 9 1.75 / 1.69 ms, 11 2.50 / 1.81, 13
+// 2.79 / 1.87, 21 6.67 / 3.45, 31 13.1 / 6.0 (Intel CPUs: untimed). Below 9 x 9 the copies cost more than the
+// route saves (fwd + bwd with the earlier, slower NCHW kernel: K = 3 0.75x, 5 0.84x, 7 0.95x). In the AVX2
+// pass copies + NHWC kernel were slower even against that earlier NCHW kernel (K = 9 0.90x, 13 0.92x): it
+// keeps the NCHW kernel. The copies are transient (two tensors of x's size during this backward); nothing
+// more is kept for backward.
 constexpr int64_t kWeightGradNhwcTaps = 81;
 inline bool weight_grad_via_nhwc(const Conv& s, at::ScalarType dtype) {
 #if defined(CPU_CAPABILITY_AVX512)
