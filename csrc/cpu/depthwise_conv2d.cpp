@@ -511,11 +511,14 @@ MEDATTN_ALWAYS_INLINE void pin_register(V& v) {
 #endif
 }
 
-// One kernel-row block over all of an item's slab rows with no test per vector: NKH kernel rows x kKwBlock
-// taps in registers. Kernel row u meets slab row i through grad_out row i - dh u; where that row lies outside
-// the item (the first and last dh (NKH - 1) slab rows), the all-zero row gzero stands in. 0 * x is 0 for
-// finite x only, so the caller runs this on items whose slab is all finite.
-template <typename acc, int NKH>
+// One kernel-row block over all of an item's slab rows with no test per vector: NKH kernel rows x NKW
+// taps in registers (NKW = 1 for the last tap of an odd KW, where a 2-tap block would spend half its FMAs
+// on a tap past the kernel: grad weight alone, Zen 5, one process, interleaved, 2-tap / 1-tap last block
+// AVX512 pass K = 3 1.077, 5 1.036, 7 1.044; AVX2 pass K = 3 1.028, 7 1.007, 13 1.027). Kernel row u meets
+// slab row i through grad_out row i - dh u; where that row lies outside the item (the first and last
+// dh (NKH - 1) slab rows), the all-zero row gzero stands in. 0 * x is 0 for finite x only, so the caller
+// runs this on items whose slab is all finite.
+template <typename acc, int NKH, int NKW>
 MEDATTN_ALWAYS_INLINE void weight_grad_block(const acc* gbuf, const acc* gzero, int64_t gwidth, const acc* xslab,
                                              int64_t xwidth, int64_t rows, int64_t full, bool tail,
                                              const typename Simd<acc>::mask& tail_mask, int64_t dh, int64_t dw,
@@ -524,13 +527,13 @@ MEDATTN_ALWAYS_INLINE void weight_grad_block(const acc* gbuf, const acc* gzero, 
   const V zero = splat<acc>(acc(0));
   // Sums in a local array indexed by compile-time constants only, so that they live in registers (through
   // the caller's array, GCC kept them on the stack: a store per FMA).
-  V sums[NKH][kKwBlock];
-  static_for<NKH>([&](auto u) { static_for<kKwBlock>([&](auto j) { sums[u][j] = zero; }); });
-  const auto step = [&](const acc* const (&grow)[NKH], int64_t c, const V (&xv)[kKwBlock]) MEDATTN_ALWAYS_INLINE_LAMBDA {
+  V sums[NKH][NKW];
+  static_for<NKH>([&](auto u) { static_for<NKW>([&](auto j) { sums[u][j] = zero; }); });
+  const auto step = [&](const acc* const (&grow)[NKH], int64_t c, const V (&xv)[NKW]) MEDATTN_ALWAYS_INLINE_LAMBDA {
     static_for<NKH>([&](auto u) {
       V gv = loadu<acc>(grow[u] + c);
       pin_register(gv);
-      static_for<kKwBlock>([&](auto j) { sums[u][j] += gv * xv[j]; });
+      static_for<NKW>([&](auto j) { sums[u][j] += gv * xv[j]; });
     });
   };
   // Slab rows [i0, i1), grad_out row of kernel row u = g_row(i, u).
@@ -540,13 +543,13 @@ MEDATTN_ALWAYS_INLINE void weight_grad_block(const acc* gbuf, const acc* gzero, 
       const acc* grow[NKH];
       static_for<NKH>([&](auto u) { grow[u] = g_row(i, u); });
       for (int64_t c = 0; c < full; c += Simd<acc>::N) {
-        V xv[kKwBlock];
-        static_for<kKwBlock>([&](auto j) { xv[j] = loadu<acc>(xrow + c + j * dw); });
+        V xv[NKW];
+        static_for<NKW>([&](auto j) { xv[j] = loadu<acc>(xrow + c + j * dw); });
         step(grow, c, xv);
       }
       if (tail) {
-        V xv[kKwBlock];
-        static_for<kKwBlock>([&](auto j) { xv[j] = tail_mask ? loadu<acc>(xrow + full + j * dw) : zero; });
+        V xv[NKW];
+        static_for<NKW>([&](auto j) { xv[j] = tail_mask ? loadu<acc>(xrow + full + j * dw) : zero; });
         step(grow, full, xv);
       }
     }
@@ -564,7 +567,7 @@ MEDATTN_ALWAYS_INLINE void weight_grad_block(const acc* gbuf, const acc* gzero, 
   } else {
     run_rows(0, end, clipped);
   }
-  static_for<NKH>([&](auto u) { static_for<kKwBlock>([&](auto j) { a[u][j] = sums[u][j]; }); });
+  static_for<NKH>([&](auto u) { static_for<NKW>([&](auto j) { a[u][j] = sums[u][j]; }); });
 }
 
 // grad weight partials of one item: rows [0, rows) of the item's grad_out rows (gbuf, zero beyond Wo)
@@ -602,13 +605,16 @@ void weight_grad_item(const acc* gbuf, const acc* gzero, int64_t gwidth, const a
     const int64_t left = blocks - block;
     const int64_t nkh = even ? (g.KH - kh0 + left - 1) / left : std::min<int64_t>(kKhBlock, g.KH - kh0);
     for (int64_t kw0 = 0; kw0 < g.KW; kw0 += kKwBlock) {
+      const int64_t nkw = std::min<int64_t>(kKwBlock, g.KW - kw0);
       V a[kKhBlock][kKwBlock];
       for (int u = 0; u < kKhBlock; ++u)
         for (int j = 0; j < kKwBlock; ++j) a[u][j] = zero;
       if (finite) {
+        with_count<kKwBlock>(nkw, [&](auto NKW) {
         with_count<kKhBlock>(nkh, [&](auto NKH) {
-          weight_grad_block<acc, NKH>(gbuf, gzero, gwidth, xslab + g.dh * kh0 * xwidth + kw0 * g.dw, xwidth, rows,
+          weight_grad_block<acc, NKH, NKW>(gbuf, gzero, gwidth, xslab + g.dh * kh0 * xwidth + kw0 * g.dw, xwidth, rows,
                                       full, tail, tail_mask, g.dh, g.dw, a);
+        });
         });
       } else {
         // Any input: kernel rows whose grad_out row is outside the item are skipped, not multiplied by zero.
@@ -642,7 +648,6 @@ void weight_grad_item(const acc* gbuf, const acc* gzero, int64_t gwidth, const a
           }
         }
       }
-      const int64_t nkw = std::min<int64_t>(kKwBlock, g.KW - kw0);
       for (int u = 0; u < nkh; ++u)
         for (int j = 0; j < nkw; ++j) part_w[(kh0 + u) * g.KW + kw0 + j] = hsum<acc>(a[u][j]);
     }
