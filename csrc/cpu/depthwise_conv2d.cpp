@@ -610,11 +610,12 @@ void weight_grad_item(const acc* gbuf, const acc* gzero, int64_t gwidth, const a
       for (int u = 0; u < kKhBlock; ++u)
         for (int j = 0; j < kKwBlock; ++j) a[u][j] = zero;
       if (finite) {
+        const acc* block_x = xslab + g.dh * kh0 * xwidth + kw0 * g.dw;
         with_count<kKwBlock>(nkw, [&](auto NKW) {
-        with_count<kKhBlock>(nkh, [&](auto NKH) {
-          weight_grad_block<acc, NKH, NKW>(gbuf, gzero, gwidth, xslab + g.dh * kh0 * xwidth + kw0 * g.dw, xwidth, rows,
-                                      full, tail, tail_mask, g.dh, g.dw, a);
-        });
+          with_count<kKhBlock>(nkh, [&](auto NKH) {
+            weight_grad_block<acc, NKH, NKW>(gbuf, gzero, gwidth, block_x, xwidth, rows, full, tail, tail_mask, g.dh,
+                                             g.dw, a);
+          });
         });
       } else {
         // Any input: kernel rows whose grad_out row is outside the item are skipped, not multiplied by zero.
