@@ -86,7 +86,7 @@ def test_cpu_other_dtypes(shape, kernel, dilation, padding, dtype):
 # with AVX-512, 8 with AVX2, 4 in the DEFAULT pass), smaller C the NCHW kernel on a copy. C = 17, 33, 67
 # end on a C-vector that overlaps the one before on every pass; W (and the pixels of each dilation
 # residue) below / between the pixel blocks hit every strip width; tap groups of one size (KW = 3, 5,
-# 7), two sizes (31 = 11 + 10 + 10 with AVX-512, 13 = 5 + 4 + 4 with AVX2), one tap (k x 1).
+# 7), two sizes (31 = 11 + 10 + 10 with AVX-512, 13 = 7 + 6 with AVX2), one tap (k x 1).
 NHWC_CASES = [
     ((2, 17, 9, 5), (3, 3), 1, None),            # W below every pixel block
     ((1, 33, 12, 23), (7, 7), 2, None),          # dilation 2: strips of pixels 2 apart, 12 + 11 per row
