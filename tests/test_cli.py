@@ -2,6 +2,7 @@
 import importlib.util
 
 import pytest
+import torch
 
 from medattn_kernels.cli import main
 
@@ -26,3 +27,35 @@ def test_tiny_demo_writes_figures_and_table(tmp_path, capsys):
 def test_unknown_network_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="name: expected one of"):
         main(["demo", "--network", "unet3000", "--steps", "1", "--size", "32", "--out", str(tmp_path)])
+
+
+class _KinkAtRounding(torch.nn.Module):
+    """loss = sum(relu((x * w + 1e-8) - x) * c) + sum(c) (a loss far from 0): with w = 1 the ReLU's input is 0 in float32 (x + 1e-8
+    rounds to x for x near 1) and 1e-8 in float64, so every element crosses the kink; d loss / d w is
+    sum(x * c) in float64 and (slope) sum(x * c) in float32."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.c = torch.nn.Parameter(torch.rand(5) + 0.5)
+        self.act = torch.nn.ReLU(inplace=True) if kind == "relu" else torch.nn.LeakyReLU(0.1, inplace=True)
+
+    def training_loss(self, batch):
+        x = batch["x"]
+        return (self.act((x * self.w + 1e-8) - x) * self.c).sum() + self.c.sum(), None
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu"])
+def test_first_step_check_takes_each_variants_activation_branches(kind):
+    from medattn_kernels.cli import _first_step_check
+
+    model = _KinkAtRounding(kind)
+    batch = {"x": 1 + torch.rand(5) * 0.5}
+    _, rows = _first_step_check([("reference", model)], batch)
+    e_loss, e_grad, crossings = rows["reference"]
+    assert crossings == 5
+    assert e_loss < 1e-6 and e_grad < 1e-6  # against the oracle on the float32 branches
+    # the plain float64 oracle (its own branches) differs at O(1): what the crossings would have cost
+    x64, w64 = batch["x"].double(), torch.ones((), dtype=torch.float64, requires_grad=True)
+    g64, = torch.autograd.grad((torch.relu((x64 * w64 + 1e-8) - x64) * model.c.double()).sum(), w64)
+    assert g64 > 1.0
