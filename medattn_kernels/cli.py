@@ -66,67 +66,16 @@ def _train_variant(name, model, train, val, args, device, data_seed):
 FIRST_STEP_TOLERANCE = 1e-4
 
 
-def _kinked_activations(model):
-    """(name, module) of the activations whose derivative jumps at 0 that the networks use as modules:
-    ActivatedBatchNorm (leaky ReLU inside), nn.LeakyReLU, nn.ReLU. (A functional F.relu is not seen.)"""
-    from .nn.activated_batch_norm import _ActivatedBatchNorm
-
-    kinds = (_ActivatedBatchNorm, torch.nn.LeakyReLU, torch.nn.ReLU)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
-
-
-def _follow_activation_pattern(model, patterns):
-    """Make `model` take each kinked activation's branch from `patterns` (name -> bool tensor, True: the
-    identity branch) instead of from the sign of its own input. The values move by at most the distance
-    of those inputs to zero (float32 rounding); the derivative is the pattern's."""
-    from .nn.activated_batch_norm import _ActivatedBatchNorm
-
-    for name, module in _kinked_activations(model):
-        positive = patterns[name]
-        if isinstance(module, _ActivatedBatchNorm):
-            # leaky ReLU with a positive slope is invertible: recover its input from its output
-            def hook(mod, inputs, out, positive=positive):
-                s = mod.negative_slope
-                pre = torch.where(out > 0, out, out / s)
-                return torch.where(positive, pre, s * pre)
-        else:
-            module.inplace = False  # the hook reads the activation's input
-
-            def hook(mod, inputs, out, positive=positive):
-                x = inputs[0]
-                return torch.where(positive, x, x * getattr(mod, "negative_slope", 0.0))
-        module.register_forward_hook(hook)
-
-
 def _first_step_check(models, batch):
     """The first training step's loss and gradient vector of each float32 variant against the float64
     reference network with the same weights and batch: what is checkable before training diverges (over
     hundreds of steps, float32 rounding differences between any two implementations grow chaotically).
-
-    A kinked activation's input within float32 rounding of zero can land on the other side than in
-    float64; that element's derivative then differs by 1 - slope, times 1/sigma through the BatchNorm
-    before it, an O(1) local difference that no float32 implementation avoids and that reaches every
-    gradient upstream (on the Zen 3 AVX2 pass one such element in DIN's last decoder block made 5e-4 of the
-    whole gradient vector). So the float64 oracle runs once per variant with that variant's own activation
-    pattern, and the crossings are counted: what the error measures then is rounding.
-    Returns the float64 loss and, per variant, (loss error, gradient error, crossings)."""
+    The float64 network takes each variant's own branches at kinked activations
+    (`medattn_kernels.testing.network_float32_errors`). Returns the float64 loss and, per variant,
+    (loss error, gradient error, kink crossings)."""
     import copy
 
-    from .testing import rel_error
-
-    def loss_and_grads(model, b, patterns=None):
-        model = copy.deepcopy(model)  # the running statistics of the models to train stay untouched
-        seen = {}
-        for name, module in _kinked_activations(model):
-            module.register_forward_hook(lambda mod, inputs, out, name=name: seen.__setitem__(name, out > 0))
-        if patterns is not None:
-            _follow_activation_pattern(model, patterns)
-        loss, _ = model.training_loss(b)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double()
-                          for g, p in zip(grads, params)])
-        return loss.detach().double(), flat, seen
+    from .testing import loss_and_gradients, network_float32_errors
 
     reference = [m for name, m in models if name == "reference"]
     oracle_model = copy.deepcopy(reference[0] if reference else models[0][1]).double()
@@ -135,14 +84,9 @@ def _first_step_check(models, batch):
             if hasattr(module, "fused"):
                 module.fused = False
     b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
-    loss64, grads64, pattern64 = loss_and_grads(oracle_model, b64)
-    rows = {}
-    for name, model in models:
-        loss, grads, pattern = loss_and_grads(model, batch)
-        crossings = sum(int((pattern[k] != pattern64[k]).sum()) for k in pattern64)
-        loss_ref, grads_ref = (loss64, grads64) if not crossings else loss_and_grads(oracle_model, b64, pattern)[:2]
-        rows[name] = (rel_error(loss, loss_ref), rel_error(grads, grads_ref), crossings)
-    return float(loss64), rows
+    oracle = loss_and_gradients(oracle_model, b64)
+    rows = {name: network_float32_errors(model, batch, oracle_model, oracle) for name, model in models}
+    return float(oracle[0]), rows
 
 
 def _save_figures(out_dir, val, results, show=4):

@@ -54,6 +54,78 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err / denom if denom > 0 else err
 
 
+def _kinked_activations(model):
+    """(name, module) of the activations whose derivative jumps at 0 that the networks use as modules:
+    ActivatedBatchNorm (leaky ReLU inside), nn.LeakyReLU, nn.ReLU. (A functional F.relu is not seen.)"""
+    from .nn.activated_batch_norm import _ActivatedBatchNorm
+
+    kinds = (_ActivatedBatchNorm, torch.nn.LeakyReLU, torch.nn.ReLU)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _follow_activation_pattern(model, patterns):
+    """Make `model` take each kinked activation's branch from `patterns` (name -> bool tensor, True: the
+    identity branch) instead of from the sign of its own input. The values move by at most the distance
+    of those inputs to zero (rounding); the derivative is the pattern's."""
+    from .nn.activated_batch_norm import _ActivatedBatchNorm
+
+    for name, module in _kinked_activations(model):
+        positive = patterns[name]
+        if isinstance(module, _ActivatedBatchNorm):
+            # leaky ReLU with a positive slope is invertible: recover its input from its output
+            def hook(mod, inputs, out, positive=positive):
+                s = mod.negative_slope
+                pre = torch.where(out > 0, out, out / s)
+                return torch.where(positive, pre, s * pre)
+        else:
+            module.inplace = False  # the hook reads the activation's input
+
+            def hook(mod, inputs, out, positive=positive):
+                x = inputs[0]
+                return torch.where(positive, x, x * getattr(mod, "negative_slope", 0.0))
+        module.register_forward_hook(hook)
+
+
+def loss_and_gradients(model, batch, patterns=None):
+    """A network's `training_loss(batch)` on a copy of it (running statistics untouched): the loss and the
+    gradient vector of every trainable parameter (zeros where unused) in float64, and the branch each
+    kinked activation took (name -> output > 0); with `patterns`, the copy takes those branches instead."""
+    import copy
+
+    model = copy.deepcopy(model)
+    seen = {}
+    for name, module in _kinked_activations(model):
+        module.register_forward_hook(lambda mod, inputs, out, name=name: seen.__setitem__(name, out > 0))
+    if patterns is not None:
+        _follow_activation_pattern(model, patterns)
+    loss, _ = model.training_loss(batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(grads, params)])
+    return loss.detach().double(), flat, seen
+
+
+def network_float32_errors(model, batch, oracle_model, oracle=None):
+    """A float32 network's loss and gradient-vector errors (`rel_error`) against the float64
+    `oracle_model` (same weights; `oracle`: its `loss_and_gradients` on the float64 batch, if at hand),
+    and the number of kink crossings.
+
+    A kinked activation's input within float32 rounding of zero can land on the other side than in
+    float64; that element's derivative then differs by 1 - slope, times 1/sigma through the BatchNorm
+    before it: an O(1) local difference that no float32 implementation avoids and that reaches every
+    gradient upstream (one such element in DIN's last decoder block made 5e-4 of the whole gradient vector
+    on the Zen 3 AVX2 pass). So where the float32 network crossed, the float64 one runs again on the
+    float32 network's branches: what the errors measure is rounding. Returns (loss error, gradient error,
+    crossings)."""
+    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    loss64, grads64, pattern64 = oracle if oracle is not None else loss_and_gradients(oracle_model, b64)
+    loss, grads, pattern = loss_and_gradients(model, batch)
+    crossings = sum(int((pattern[k] != pattern64[k]).sum()) for k in pattern64)
+    if crossings:
+        loss64, grads64, _ = loss_and_gradients(oracle_model, b64, pattern)
+    return rel_error(loss, loss64), rel_error(grads, grads64), crossings
+
+
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output",
                               tol: Optional[float] = None, tf32: bool = False) -> float:
     tol = tolerance(dtype, tf32) if tol is None else tol
