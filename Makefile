@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 NILEARN ?= nilearn==0.14.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo bench test test-python test-isa test-triton test-cpp test-nvcc test-aarch64 test-gpu-compile build setup clean
+.PHONY: demo bench test test-python test-isa test-triton test-cpp test-cpp-standalone test-nvcc test-aarch64 test-gpu-compile build setup clean
 
 demo: build  ## the main job: train DIN on real MRI, fused vs reference
 	$(VENV)/bin/medattn demo --out demo_out
@@ -37,12 +37,14 @@ test-python: build
 
 # The C++ kernels are built for every CPU ISA (DEFAULT, AVX2, AVX512) and PyTorch's capability picks one
 # (csrc/include/medattn/dispatch.h). test-python runs the pass this CPU prefers; test-isa reruns the CPU
-# kernels' parity tests on every lower pass it supports (ATEN_CPU_CAPABILITY switches ATen and us together).
+# kernels' parity tests on every lower pass it supports (ATEN_CPU_CAPABILITY switches ATen and us together),
+# after checking that no pass of the built extension uses an instruction above its ISA (tools/check_isa_library.py).
 ISA_TESTS := tests/test_isa.py tests/test_cross_attention.py tests/test_depthwise_conv2d.py \
 	tests/test_global_spatial_attention.py tests/test_sobel_boundary_loss.py tests/test_activated_batch_norm.py
 OTHER_ISAS = $(shell $(PY) -W ignore -m medattn_kernels.isa --others)
 
 test-isa: build
+	$(PY) tools/check_isa_library.py
 	@for isa in $(OTHER_ISAS); do \
 	  echo "== CPU kernel parity tests on the $$isa pass (ATEN_CPU_CAPABILITY=$$isa)"; \
 	  ATEN_CPU_CAPABILITY=$$isa $(PY) -m pytest $(ISA_TESTS) -m "not triton" -q -p no:cacheprovider || exit 1; \
@@ -53,15 +55,25 @@ test-isa: build
 test-triton: build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -m triton -q -p no:cacheprovider
 
-test-cpp: setup
-	cmake -S . -B cmake-build -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > cmake-build.log
+# The C++ tests link the extension `build` made (CMake's MEDATTN_KERNELS_LIBRARY), so they test the shipped
+# binary on every pass without compiling the kernels a second time; test-cpp-standalone builds CMake's own
+# library from csrc/ first (what C++ users build; not in `make test`: it compiles every pass again).
+EXTENSION = $(shell $(PY) -W ignore -c "import medattn_kernels._C as c; print(c.__file__)")
+CTEST_EVERY_PASS = ctest --test-dir $(1) --output-on-failure && for isa in $(OTHER_ISAS); do \
+	  echo "== ctest on the $$isa pass"; ATEN_CPU_CAPABILITY=$$isa ctest --test-dir $(1) --output-on-failure || exit 1; done
+
+test-cpp: build
+	cmake -S . -B cmake-build -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
+	  -DMEDATTN_KERNELS_LIBRARY=$(EXTENSION) > cmake-build.log
 	cmake --build cmake-build -j2 >> cmake-build.log
-	ctest --test-dir cmake-build --output-on-failure
-	@for isa in $(OTHER_ISAS); do \
-	  echo "== ctest on the $$isa pass"; \
-	  ATEN_CPU_CAPABILITY=$$isa ctest --test-dir cmake-build --output-on-failure || exit 1; \
-	done
-	bash tools/check_isa_objects.sh cmake-build
+	$(call CTEST_EVERY_PASS,cmake-build)
+
+test-cpp-standalone: setup
+	cmake -S . -B cmake-build-standalone -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
+	  -DMEDATTN_KERNELS_LIBRARY= > cmake-build-standalone.log
+	cmake --build cmake-build-standalone -j2 >> cmake-build-standalone.log
+	$(call CTEST_EVERY_PASS,cmake-build-standalone)
+	$(PY) tools/check_isa_library.py cmake-build-standalone/libmedattn_kernels.so
 
 # CUDA sources compile-only (no GPU here): a syntax or type error in a .cu file fails.
 test-nvcc: setup
@@ -80,4 +92,4 @@ test-gpu-compile: build
 	$(PY) -m medattn_kernels.gpu_check
 
 clean:
-	rm -rf build cmake-build cmake-build.log medattn_kernels/_C*.so *.egg-info
+	rm -rf build cmake-build cmake-build.log cmake-build-standalone cmake-build-standalone.log medattn_kernels/_C*.so *.egg-info

@@ -4,6 +4,7 @@ The parity tests of every op run once per ISA pass this CPU supports (`make test
 ATEN_CPU_CAPABILITY=default / avx2); these tests check that the switch selects what it says."""
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +66,43 @@ def test_vector_fma_probe_runs_on_this_pass():
     assert 0.0 < rate < float("inf")
     with pytest.raises(RuntimeError, match="fmas_per_thread: expected a positive count, got 0"):
         torch.ops.medattn._cpu_vector_fma_gflops(0)
+
+
+# tools/check_isa_library.py on a library made to break the rule: an inline function that a vector pass
+# and the DEFAULT pass both instantiate, with the vector pass linked first, so the linker keeps the copy
+# compiled with -mavx2 and DEFAULT code calls it.
+_INLINE_PRODUCT = """
+__attribute__((noinline)) inline void product(float* out, const float* a, const float* b, int n) {
+  for (int i = 0; i < n; ++i) out[i] = a[i] * b[i]; }
+"""
+_PASS_SOURCE = """
+namespace medattn { namespace %s {
+void kernel(float* out, const float* a, const float* b, int n) {
+  product(out, a, b, n);
+  for (int i = 0; i < n; ++i) out[i] += a[i]; }
+} }
+"""
+
+
+def _library(tmp_path, order):
+    objects = {}
+    for name, flags in (("DEFAULT", []), ("AVX2", ["-mavx2", "-mfma"])):
+        src = tmp_path / f"{name}.cpp"
+        src.write_text(_INLINE_PRODUCT + _PASS_SOURCE % name)
+        objects[name] = tmp_path / f"{name}.o"
+        subprocess.run(["g++", "-O3", "-fPIC", *flags, "-c",
+                        str(src), "-o", str(objects[name])], check=True)
+    lib = tmp_path / f"lib_{'_'.join(order)}.so"
+    subprocess.run(["g++", "-shared", *[str(objects[n]) for n in order], "-o", str(lib)], check=True)
+    return lib
+
+
+@pytest.mark.skipif(not X86 or shutil.which("g++") is None or shutil.which("objdump") is None,
+                    reason="toolchain missing: needs x86-64 g++ and objdump")
+def test_isa_library_check_catches_a_kept_vector_copy(tmp_path):
+    check = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools", "check_isa_library.py")]
+    good = subprocess.run(check + [str(_library(tmp_path, ["DEFAULT", "AVX2"]))], capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
+    bad = subprocess.run(check + [str(_library(tmp_path, ["AVX2", "DEFAULT"]))], capture_output=True, text=True)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "DEFAULT code uses %ymm" in bad.stderr and "product(" in bad.stderr
