@@ -35,6 +35,8 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output directory for the PNGs (default demo_out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--timing-rounds", type=int, default=10,
+                   help="interleaved rounds (one step of every variant each) timed after training (default 10)")
     p.add_argument("--no-isolated-memory", action="store_true",
                    help="skip the peak-memory measurement in a fresh subprocess (CPU peak resident set)")
     return p
@@ -57,8 +59,26 @@ def _train_variant(name, model, train, val, args, device, data_seed):
     saved = kept_for_backward(model, probe)
     times = trainer.step_times
     steady = times[min(3, len(times) - 1):]  # skip warm-up steps (allocator, thread pools)
-    return {"dice": dice, "pred": pred, "losses": trainer.history, "step_s": statistics.median(steady),
+    return {"dice": dice, "pred": pred, "losses": trainer.history, "training_step_s": statistics.median(steady),
             "saved_bytes": saved, "model": model}
+
+
+TIMING_WARMUP = 2
+
+
+def _interleaved_step_times(results, batch, args, device):
+    """Median step time of each trained variant (a copy of it, with a fresh Adam), the variants taking turns
+    within every round on the same batch: on a shared or noisy machine, load that drifts over the minutes
+    each variant's training takes would otherwise land on one variant and not the others."""
+    import copy
+
+    from .bench.training_step import interleaved_times
+    from .train import Trainer
+
+    trainers = {name: Trainer(copy.deepcopy(res["model"]), lr=args.lr, steps=1000) for name, res in results.items()}
+    times = interleaved_times({name: (lambda t=t: t.step(batch)) for name, t in trainers.items()},
+                              args.timing_rounds, TIMING_WARMUP, str(device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # float32 against float64 through a whole network (depth, BatchNorm's batch statistics): the models' own
@@ -183,7 +203,16 @@ def demo(args) -> int:
         res = results[name]
         dice = res["dice"]
         print(f"  {name}: held-out Dice " + ", ".join(f"{n} {d:.4f}" for n, d in zip(CLASS_NAMES, dice.tolist()))
-              + f"; mean GM/WM {dice[1:].mean():.4f}")
+              + f"; mean GM/WM {dice[1:].mean():.4f}; median training step {res['training_step_s'] * 1e3:.0f} ms")
+
+    if args.timing_rounds > 0:
+        print(f"time per step: {args.timing_rounds} rounds after {TIMING_WARMUP} warm-up rounds, one step of every "
+              "variant per round (same batch), medians")
+        for name, step_s in _interleaved_step_times(results, first, args, device).items():
+            results[name]["step_s"] = step_s
+    else:
+        for res in results.values():
+            res["step_s"] = res["training_step_s"]
 
     if not args.no_isolated_memory:
         print("peak memory per step: one step of a fresh model in its own process "
