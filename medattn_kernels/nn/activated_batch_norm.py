@@ -17,11 +17,13 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
     the cumulative average). Nothing when the module does not track running statistics."""
     if not bn.track_running_stats or bn.running_mean is None:
         return
+    # In place on the buffers (no Module.__setattr__), and the unbiasing factor folded into the update: at
+    # the small maps of a U-Net's deep stages these few ops cost more than the kernel.
     with torch.no_grad():
-        bn.num_batches_tracked += 1
+        bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), factor)
+        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
 
 
 class _ActivatedBatchNorm:
@@ -55,7 +57,7 @@ class _ActivatedBatchNorm:
         y, mean, var = activated_batch_norm(x_map, self.weight, self.bias, self.eps, self.negative_slope,
                                             backend=None if self.fused else "reference")
         update_running_stats(self, mean, var, x.numel() // x.shape[1])
-        return y.view(x.shape)
+        return y if x_map is x else y.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}, fused={self.fused}"
