@@ -36,7 +36,8 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--timing-rounds", type=int, default=10,
-                   help="interleaved rounds (one step of every variant each) timed after training (default 10)")
+                   help="interleaved rounds (one step of every variant each) timed after training (default 10; "
+                        "0: report each training loop's median step instead)")
     p.add_argument("--no-isolated-memory", action="store_true",
                    help="skip the peak-memory measurement in a fresh subprocess (CPU peak resident set)")
     return p
@@ -151,6 +152,10 @@ def demo(args) -> int:
     from .models import build_model
     from .train import DEFAULT_MODEL_KWARGS, measure_step_isolated
 
+    if args.timing_rounds < 0:
+        print(f"medattn demo: --timing-rounds: expected >= 0 (0: report the training loop's median step), "
+              f"got {args.timing_rounds}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -59,3 +59,8 @@ def test_first_step_check_takes_each_variants_activation_branches(kind):
     x64, w64 = batch["x"].double(), torch.ones((), dtype=torch.float64, requires_grad=True)
     g64, = torch.autograd.grad((torch.relu((x64 * w64 + 1e-8) - x64) * model.c.double()).sum(), w64)
     assert g64 > 1.0
+
+
+def test_negative_timing_rounds_are_rejected(tmp_path, capsys):
+    assert main(["demo", "--timing-rounds", "-1", "--steps", "1", "--size", "32", "--out", str(tmp_path)]) == 2
+    assert "--timing-rounds: expected >= 0" in capsys.readouterr().err
