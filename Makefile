@@ -63,6 +63,7 @@ CTEST_EVERY_PASS = ctest --test-dir $(1) --output-on-failure && for isa in $(OTH
 	  echo "== ctest on the $$isa pass"; ATEN_CPU_CAPABILITY=$$isa ctest --test-dir $(1) --output-on-failure || exit 1; done
 
 test-cpp: build
+	@test -n "$(EXTENSION)" || { echo "test-cpp: medattn_kernels._C does not import: no library to link" >&2; exit 1; }
 	cmake -S . -B cmake-build -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
 	  -DMEDATTN_KERNELS_LIBRARY=$(EXTENSION) > cmake-build.log
 	cmake --build cmake-build -j2 >> cmake-build.log
