@@ -58,7 +58,7 @@ test-triton: build
 # The C++ tests link the extension `build` made (CMake's MEDATTN_KERNELS_LIBRARY), so they test the shipped
 # binary on every pass without compiling the kernels a second time; test-cpp-standalone builds CMake's own
 # library from csrc/ first (what C++ users build; not in `make test`: it compiles every pass again).
-EXTENSION = $(shell $(PY) -W ignore -c "import medattn_kernels._C as c; print(c.__file__)")
+EXTENSION = $(shell $(PY) -W ignore -c "import medattn_kernels._C as c; print(c.__file__)" 2>/dev/null)
 CTEST_EVERY_PASS = ctest --test-dir $(1) --output-on-failure && for isa in $(OTHER_ISAS); do \
 	  echo "== ctest on the $$isa pass"; ATEN_CPU_CAPABILITY=$$isa ctest --test-dir $(1) --output-on-failure || exit 1; done
 
