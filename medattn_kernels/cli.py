@@ -96,7 +96,7 @@ def _first_step_check(models, batch):
     (loss error, gradient error, kink crossings)."""
     import copy
 
-    from .testing import loss_and_gradients, network_float32_errors
+    from .testing import float64_batch, loss_and_gradients, network_float32_errors
 
     reference = [m for name, m in models if name == "reference"]
     oracle_model = copy.deepcopy(reference[0] if reference else models[0][1]).double()
@@ -104,8 +104,7 @@ def _first_step_check(models, batch):
         for module in oracle_model.modules():  # fused-only run: the oracle runs the references
             if hasattr(module, "fused"):
                 module.fused = False
-    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
-    oracle = loss_and_gradients(oracle_model, b64)
+    oracle = loss_and_gradients(oracle_model, float64_batch(batch))
     rows = {name: network_float32_errors(model, batch, oracle_model, oracle) for name, model in models}
     return float(oracle[0]), rows
 

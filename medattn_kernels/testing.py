@@ -105,6 +105,11 @@ def loss_and_gradients(model, batch, patterns=None):
     return loss.detach().double(), flat, seen
 
 
+def float64_batch(batch):
+    """A training batch (name -> tensor) with its floating tensors in float64 (labels unchanged)."""
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+
+
 def network_float32_errors(model, batch, oracle_model, oracle=None):
     """A float32 network's loss and gradient-vector errors (`rel_error`) against the float64
     `oracle_model` (same weights; `oracle`: its `loss_and_gradients` on the float64 batch, if at hand),
@@ -117,7 +122,7 @@ def network_float32_errors(model, batch, oracle_model, oracle=None):
     on the Zen 3 AVX2 pass). So where the float32 network crossed, the float64 one runs again on the
     float32 network's branches: what the errors measure is rounding. Returns (loss error, gradient error,
     crossings)."""
-    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    b64 = float64_batch(batch)
     loss64, grads64, pattern64 = oracle if oracle is not None else loss_and_gradients(oracle_model, b64)
     loss, grads, pattern = loss_and_gradients(model, batch)
     crossings = sum(int((pattern[k] != pattern64[k]).sum()) for k in pattern64)
