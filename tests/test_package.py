@@ -63,6 +63,26 @@ def test_imports_without_extension_and_says_why():
     assert "fallback ok" in proc.stdout
 
 
+def test_extension_without_the_op_falls_back_and_says_why(monkeypatch):
+    """An extension built before an op was added has no CPU kernel for it: backend=None runs the
+    reference, an explicit "cpu" is refused with the reason, and info() gives the same reason."""
+    from medattn_kernels.ops import _registry
+    from medattn_kernels.ops.global_spatial_attention import SPEC
+    if not SPEC.cpu_kernel_ready():
+        pytest.skip("needs the built extension (its absence is test_imports_without_extension_and_says_why)")
+    x = torch.randn(2, 3, 4, 5)
+    assert SPEC.resolve(None, x, "x") == "cpu"
+    monkeypatch.setitem(_registry._KERNEL_CACHE, (SPEC.qualname, "CPU"), False)
+    assert not SPEC.cpu_kernel_ready()
+    assert SPEC.resolve(None, x, "x") == "reference"
+    ok, why = SPEC.status("cpu", x.device)
+    assert not ok and "rebuild" in why, why
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available: the built extension predates"):
+        SPEC.resolve("cpu", x, "x")
+    rows = {(op, b): (ok, why) for op, b, ok, why in mk.info(print_table=False)}
+    assert rows[("global_spatial_attention", "cpu")] == (False, why)
+
+
 def test_stale_source_check(tmp_path, monkeypatch):
     """The rebuild warning compares the built _C with the C++ sources beside the package (an editable
     install); an installed wheel has none there and must import quietly, not fail on a missing file."""

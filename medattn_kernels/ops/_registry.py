@@ -126,17 +126,22 @@ class FusedOp:
         raise AssertionError(backend)
 
     # ---- availability, device-independent (for info()) and per tensor (for resolve())
+    def cpu_kernel_ready(self) -> bool:
+        """Is the C++ CPU kernel built and registered? (status("cpu") without its message: resolve() runs
+        on every call, and at a U-Net's small maps formatting the message cost a tenth of the kernel.)"""
+        return _extension._C is not None and _has_kernel(self.qualname, "CPU")
+
     def status(self, backend: str, device: Optional[torch.device] = None) -> Tuple[bool, str]:
         if backend == "reference":
             return True, "pure PyTorch, any device and dtype"
         if backend == "cpu":
             if device is not None and device.type != "cpu":
                 return False, f"the C++ CPU kernel needs CPU tensors, got {device}"
+            if self.cpu_kernel_ready():
+                return True, f"C++ ({_dtype_list(self.cpu_dtypes)})"
             if _extension._C is None:
                 return False, _extension.LOAD_ERROR
-            if not _has_kernel(self.qualname, "CPU"):
-                return False, "the built extension predates this op: rebuild it"
-            return True, f"C++ ({_dtype_list(self.cpu_dtypes)})"
+            return False, "the built extension predates this op: rebuild it"
         if backend == "triton":
             if self.triton is None:
                 return False, "no Triton kernel for this op"
@@ -165,7 +170,7 @@ class FusedOp:
         device, dtype = tensor.device, tensor.dtype
         if backend is None:
             if device.type == "cpu":
-                ok = self.status("cpu", device)[0] and dtype in self.cpu_dtypes
+                ok = self.cpu_kernel_ready() and dtype in self.cpu_dtypes
                 return "cpu" if ok else "reference"
             if device.type == "cuda" and dtype in self.gpu_dtypes:
                 if self.defined:
