@@ -56,46 +56,67 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _kinked_activations(model):
     """(name, module) of the activations whose derivative jumps at 0 that the networks use as modules:
-    ActivatedBatchNorm (leaky ReLU inside), nn.LeakyReLU, nn.ReLU. (A functional F.relu is not seen.)"""
+    ActivatedBatchNorm (leaky ReLU inside), nn.LeakyReLU, nn.ReLU. (A functional F.relu is not seen: the
+    networks apply theirs as modules for this reason.)"""
     from .nn.activated_batch_norm import _ActivatedBatchNorm
 
     kinds = (_ActivatedBatchNorm, torch.nn.LeakyReLU, torch.nn.ReLU)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def _on_branch(x, positive, slope: float):
+    """A (leaky) ReLU of x on the given branches (positive: the identity one). The derivative is the
+    branch's (1 or slope); the value is the activation's wherever x lies on its branch's side of 0 and,
+    where it does not (an input within rounding of 0 that crossed), |x| with the branch's sign: what comes
+    next then sees the same order as in the network the branches came from (a max pool over a window of
+    ReLU zeros picks the same element)."""
+    linear = torch.where(positive, x, slope * x)
+    signed = torch.where(positive, x.abs(), -slope * x.abs())
+    return linear + (signed - linear).detach()
+
+
 def _follow_activation_pattern(model, patterns):
     """Make `model` take each kinked activation's branch from `patterns` (name -> bool tensor, True: the
-    identity branch) instead of from the sign of its own input. The values move by at most the distance
-    of those inputs to zero (rounding); the derivative is the pattern's."""
+    identity branch) instead of from the sign of its own input (`_on_branch`). The values move by at most
+    the distance of those inputs to zero (rounding); the derivative is the pattern's. Activations without
+    a pattern (they did not run) are left alone."""
     from .nn.activated_batch_norm import _ActivatedBatchNorm
 
     for name, module in _kinked_activations(model):
+        if name not in patterns:
+            continue
         positive = patterns[name]
         if isinstance(module, _ActivatedBatchNorm):
             # leaky ReLU with a positive slope is invertible: recover its input from its output
             def hook(mod, inputs, out, positive=positive):
                 s = mod.negative_slope
-                pre = torch.where(out > 0, out, out / s)
-                return torch.where(positive, pre, s * pre)
+                return _on_branch(torch.where(out > 0, out, out / s), positive, s)
         else:
             module.inplace = False  # the hook reads the activation's input
 
             def hook(mod, inputs, out, positive=positive):
-                x = inputs[0]
-                return torch.where(positive, x, x * getattr(mod, "negative_slope", 0.0))
+                return _on_branch(inputs[0], positive, getattr(mod, "negative_slope", 0.0))
         module.register_forward_hook(hook)
 
 
 def loss_and_gradients(model, batch, patterns=None):
     """A network's `training_loss(batch)` on a copy of it (running statistics untouched): the loss and the
     gradient vector of every trainable parameter (zeros where unused) in float64, and the branch each
-    kinked activation took (name -> output > 0); with `patterns`, the copy takes those branches instead."""
+    kinked activation took (name -> output > 0); with `patterns`, the copy takes those branches instead.
+    A kinked activation module called twice in one forward is refused (one pattern per module)."""
     import copy
 
     model = copy.deepcopy(model)
     seen = {}
+
+    def record(name, out):
+        if name in seen:
+            raise RuntimeError(f"{name}: a kinked activation module ran twice in one forward; the float32 "
+                               f"parity check keeps one branch pattern per module (use one module per call)")
+        seen[name] = out > 0
+
     for name, module in _kinked_activations(model):
-        module.register_forward_hook(lambda mod, inputs, out, name=name: seen.__setitem__(name, out > 0))
+        module.register_forward_hook(lambda mod, inputs, out, name=name: record(name, out))
     if patterns is not None:
         _follow_activation_pattern(model, patterns)
     loss, _ = model.training_loss(batch)
@@ -103,6 +124,14 @@ def loss_and_gradients(model, batch, patterns=None):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(grads, params)])
     return loss.detach().double(), flat, seen
+
+
+# float32 against float64 through a whole network (depth, BatchNorm's batch statistics), for the loss and the
+# whole gradient vector: the demo's first-step check and the models' float32 parity test (tests/test_models.py).
+NETWORK_FLOAT32_TOLERANCE = 1e-4
+# Kink crossings (see network_float32_errors) are rare: 0 to 3 per network in every run so far. Many would
+# mean pre-activations shifted by more than rounding, which following the float32 branches would hide.
+NETWORK_FLOAT32_MAX_CROSSINGS = 16
 
 
 def float64_batch(batch):

@@ -30,9 +30,9 @@ def test_unknown_network_is_rejected(tmp_path):
 
 
 class _KinkAtRounding(torch.nn.Module):
-    """loss = sum(relu((x * w + 1e-8) - x) * c) + sum(c) (a loss far from 0): with w = 1 the ReLU's input is 0 in float32 (x + 1e-8
-    rounds to x for x near 1) and 1e-8 in float64, so every element crosses the kink; d loss / d w is
-    sum(x * c) in float64 and (slope) sum(x * c) in float32."""
+    """loss = sum(relu((x * w + 1e-8) - x) * c) + sum(c) (a loss far from 0): with w = 1 the ReLU's input
+    is 0 in float32 (x + 1e-8 rounds to x for x near 1) and 1e-8 in float64, so every element crosses the
+    kink; d loss / d w is sum(x * c) in float64 and (slope) sum(x * c) in float32."""
 
     def __init__(self, kind):
         super().__init__()
@@ -45,20 +45,60 @@ class _KinkAtRounding(torch.nn.Module):
         return (self.act((x * self.w + 1e-8) - x) * self.c).sum() + self.c.sum(), None
 
 
-@pytest.mark.parametrize("kind", ["relu", "leaky_relu"])
-def test_first_step_check_takes_each_variants_activation_branches(kind):
-    from medattn_kernels.cli import _first_step_check
+class _KinkBeforeMaxPool(torch.nn.Module):
+    """ReLU then a 2x2 max pool, each window [-1, -1, -1, z] with z = (x - (x * w + 1e-8)) + 5e-9: +5e-9 in
+    float32 (x + 1e-8 rounds to x) and -5e-9 in float64. The float32 pool picks z (d loss / d w = -sum(x c)),
+    the float64 one a ReLU zero (0): the oracle on float32's branches must also give z its positive sign."""
 
-    model = _KinkAtRounding(kind)
+    def __init__(self, kind):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.c = torch.nn.Parameter(torch.rand(5) + 0.5)
+        self.act = torch.nn.ReLU(inplace=True) if kind == "relu" else torch.nn.LeakyReLU(0.1, inplace=True)
+        self.pool = torch.nn.MaxPool2d(2)
+
+    def training_loss(self, batch):
+        x = batch["x"]
+        z = (x - (x * self.w + 1e-8)) + 5e-9
+        windows = torch.cat([-torch.ones(5, 3, dtype=x.dtype), z[:, None]], 1).view(1, 5, 2, 2)
+        return (self.pool(self.act(windows)).flatten() * self.c).sum() + self.c.sum(), None
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("model_class", [_KinkAtRounding, _KinkBeforeMaxPool])
+def test_first_step_check_takes_each_variants_activation_branches(model_class, kind):
+    import copy
+
+    from medattn_kernels.cli import _first_step_check
+    from medattn_kernels.testing import float64_batch, loss_and_gradients, rel_error
+
+    model = model_class(kind)
     batch = {"x": 1 + torch.rand(5) * 0.5}
     _, rows = _first_step_check([("reference", model)], batch)
     e_loss, e_grad, crossings = rows["reference"]
     assert crossings == 5
     assert e_loss < 1e-6 and e_grad < 1e-6  # against the oracle on the float32 branches
     # the plain float64 oracle (its own branches) differs at O(1): what the crossings would have cost
-    x64, w64 = batch["x"].double(), torch.ones((), dtype=torch.float64, requires_grad=True)
-    g64, = torch.autograd.grad((torch.relu((x64 * w64 + 1e-8) - x64) * model.c.double()).sum(), w64)
-    assert g64 > 1.0
+    _, grads32, _ = loss_and_gradients(model, batch)
+    _, grads64, _ = loss_and_gradients(copy.deepcopy(model).double(), float64_batch(batch))
+    assert rel_error(grads32, grads64) > 0.05
+    assert not model.act._forward_hooks and model.act.inplace  # the checks ran on copies
+
+
+def test_a_kinked_module_called_twice_is_refused():
+    from medattn_kernels.testing import loss_and_gradients
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4))
+            self.act = torch.nn.ReLU()
+
+        def training_loss(self, batch):
+            return self.act(self.act(batch["x"] * self.w) - 0.5).sum(), None
+
+    with pytest.raises(RuntimeError, match="act: a kinked activation module ran twice in one forward"):
+        loss_and_gradients(Twice(), {"x": torch.randn(4)})
 
 
 def test_negative_timing_rounds_are_rejected(tmp_path, capsys):
