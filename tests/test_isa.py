@@ -4,6 +4,7 @@ The parity tests of every op run once per ISA pass this CPU supports (`make test
 ATEN_CPU_CAPABILITY=default / avx2); these tests check that the switch selects what it says."""
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -70,11 +71,19 @@ def test_vector_fma_probe_runs_on_this_pass():
 
 # tools/check_isa_library.py on a library made to break the rule: an inline function that a vector pass
 # and the DEFAULT pass both instantiate, with the vector pass linked first, so the linker keeps the copy
-# compiled with -mavx2 and DEFAULT code calls it.
-_INLINE_PRODUCT = """
+# compiled with -mavx2 -mfma and DEFAULT code calls it. Two such functions: a loop the compiler vectorises
+# (ymm registers) and a scalar multiply-add, which -mfma turns into a VEX `vfmadd...ss` on xmm registers
+# only: as fatal on a CPU without AVX, and invisible to a check of register names.
+_INLINE_FUNCTIONS = {
+    "vector_loop": """
 __attribute__((noinline)) inline void product(float* out, const float* a, const float* b, int n) {
   for (int i = 0; i < n; ++i) out[i] = a[i] * b[i]; }
-"""
+""",
+    "scalar_fma": """
+__attribute__((noinline)) inline void product(float* out, const float* a, const float* b, int n) {
+  for (int i = 0; i < n; ++i) { out[i] = a[i] * b[i] + out[i]; asm volatile("" ::: "memory"); } }
+""",
+}
 _PASS_SOURCE = """
 namespace medattn { namespace %s {
 void kernel(float* out, const float* a, const float* b, int n) {
@@ -84,11 +93,11 @@ void kernel(float* out, const float* a, const float* b, int n) {
 """
 
 
-def _library(tmp_path, order):
+def _library(tmp_path, inline_function, order):
     objects = {}
     for name, flags in (("DEFAULT", []), ("AVX2", ["-mavx2", "-mfma"])):
         src = tmp_path / f"{name}.cpp"
-        src.write_text(_INLINE_PRODUCT + _PASS_SOURCE % name)
+        src.write_text(_INLINE_FUNCTIONS[inline_function] + _PASS_SOURCE % name)
         objects[name] = tmp_path / f"{name}.o"
         subprocess.run(["g++", "-O3", "-fPIC", *flags, "-c",
                         str(src), "-o", str(objects[name])], check=True)
@@ -99,10 +108,15 @@ def _library(tmp_path, order):
 
 @pytest.mark.skipif(not X86 or shutil.which("g++") is None or shutil.which("objdump") is None,
                     reason="toolchain missing: needs x86-64 g++ and objdump")
-def test_isa_library_check_catches_a_kept_vector_copy(tmp_path):
+@pytest.mark.parametrize("inline_function", sorted(_INLINE_FUNCTIONS))
+def test_isa_library_check_catches_a_kept_vector_copy(tmp_path, inline_function):
     check = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools", "check_isa_library.py")]
-    good = subprocess.run(check + [str(_library(tmp_path, ["DEFAULT", "AVX2"]))], capture_output=True, text=True)
+    good = subprocess.run(check + [str(_library(tmp_path, inline_function, ["DEFAULT", "AVX2"]))],
+                          capture_output=True, text=True)
     assert good.returncode == 0, good.stdout + good.stderr
-    bad = subprocess.run(check + [str(_library(tmp_path, ["AVX2", "DEFAULT"]))], capture_output=True, text=True)
+    bad = subprocess.run(check + [str(_library(tmp_path, inline_function, ["AVX2", "DEFAULT"]))],
+                         capture_output=True, text=True)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "DEFAULT code uses %ymm" in bad.stderr and "product(" in bad.stderr
+    assert re.search(r"DEFAULT code uses (v\w+|%ymm\d+): product\(", bad.stderr), bad.stderr
+    if inline_function == "scalar_fma":  # caught on an xmm-only VEX instruction
+        assert "%xmm" in bad.stderr and "%ymm" not in bad.stderr, bad.stderr
