@@ -42,9 +42,13 @@ test-python: build
 ISA_TESTS := tests/test_isa.py tests/test_cross_attention.py tests/test_depthwise_conv2d.py \
 	tests/test_global_spatial_attention.py tests/test_sobel_boundary_loss.py tests/test_activated_batch_norm.py
 OTHER_ISAS = $(shell $(PY) -W ignore -m medattn_kernels.isa --others)
+# The extension that imports (not whichever _C*.so lies in the package folder), for the ISA check and the ctests.
+EXTENSION = $(shell $(PY) -W ignore -c "import medattn_kernels._C as c; print(c.__file__)" 2>/dev/null)
+REQUIRE_EXTENSION = @test -n "$(EXTENSION)" || { echo "$@: medattn_kernels._C does not import" >&2; exit 1; }
 
 test-isa: build
-	$(PY) tools/check_isa_library.py
+	$(REQUIRE_EXTENSION)
+	$(PY) tools/check_isa_library.py $(EXTENSION)
 	@for isa in $(OTHER_ISAS); do \
 	  echo "== CPU kernel parity tests on the $$isa pass (ATEN_CPU_CAPABILITY=$$isa)"; \
 	  ATEN_CPU_CAPABILITY=$$isa $(PY) -m pytest $(ISA_TESTS) -m "not triton" -q -p no:cacheprovider || exit 1; \
@@ -58,12 +62,11 @@ test-triton: build
 # The C++ tests link the extension `build` made (CMake's MEDATTN_KERNELS_LIBRARY), so they test the shipped
 # binary on every pass without compiling the kernels a second time; test-cpp-standalone builds CMake's own
 # library from csrc/ first (what C++ users build; not in `make test`: it compiles every pass again).
-EXTENSION = $(shell $(PY) -W ignore -c "import medattn_kernels._C as c; print(c.__file__)" 2>/dev/null)
 CTEST_EVERY_PASS = ctest --test-dir $(1) --output-on-failure && for isa in $(OTHER_ISAS); do \
 	  echo "== ctest on the $$isa pass"; ATEN_CPU_CAPABILITY=$$isa ctest --test-dir $(1) --output-on-failure || exit 1; done
 
 test-cpp: build
-	@test -n "$(EXTENSION)" || { echo "test-cpp: medattn_kernels._C does not import: no library to link" >&2; exit 1; }
+	$(REQUIRE_EXTENSION)
 	cmake -S . -B cmake-build -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
 	  -DMEDATTN_KERNELS_LIBRARY=$(EXTENSION) > cmake-build.log
 	cmake --build cmake-build -j2 >> cmake-build.log
