@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from medattn_kernels.cli import main
+from medattn_kernels.cli import TIMING_WARMUP, main
 
 
 def test_info(capsys):
@@ -13,13 +13,17 @@ def test_info(capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="needs the nilearn wheel's data files")
-def test_tiny_demo_writes_figures_and_table(tmp_path, capsys):
+@pytest.mark.parametrize("timing_rounds", [None, 0])
+def test_tiny_demo_writes_figures_and_table(tmp_path, capsys, timing_rounds):
+    extra = [] if timing_rounds is None else ["--timing-rounds", str(timing_rounds)]
     assert main(["demo", "--steps", "2", "--size", "32", "--batch-size", "2", "--out", str(tmp_path),
-                 "--no-isolated-memory"]) == 0
+                 "--no-isolated-memory", *extra]) == 0
     out = capsys.readouterr().out
     for needle in ("Dice grey matter", "Dice white matter", "time per step", "kept for backward", "fused",
                    "reference"):
         assert needle in out
+    # the table's step times: interleaved rounds after training by default, the training loop's median with 0
+    assert (f"rounds after {TIMING_WARMUP} warm-up rounds" in out) == (timing_rounds is None)
     assert (tmp_path / "predictions.png").stat().st_size > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
 
