@@ -82,8 +82,6 @@ def _interleaved_step_times(results, batch, args, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-
-
 def _first_step_check(models, batch):
     """The first training step's loss and gradient vector of each float32 variant against the float64
     reference network with the same weights and batch: what is checkable before training diverges (over
