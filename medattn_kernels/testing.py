@@ -151,12 +151,12 @@ def network_float32_errors(model, batch, oracle_model, oracle=None):
     on the Zen 3 AVX2 pass). So where the float32 network crossed, the float64 one runs again on the
     float32 network's branches: what the errors measure is rounding. Returns (loss error, gradient error,
     crossings)."""
-    b64 = float64_batch(batch)
-    loss64, grads64, pattern64 = oracle if oracle is not None else loss_and_gradients(oracle_model, b64)
+    loss64, grads64, pattern64 = oracle if oracle is not None else loss_and_gradients(oracle_model,
+                                                                                       float64_batch(batch))
     loss, grads, pattern = loss_and_gradients(model, batch)
     crossings = sum(int((pattern[k] != pattern64[k]).sum()) for k in pattern64)
     if crossings:
-        loss64, grads64, _ = loss_and_gradients(oracle_model, b64, pattern)
+        loss64, grads64, _ = loss_and_gradients(oracle_model, float64_batch(batch), pattern)
     return rel_error(loss, loss64), rel_error(grads, grads64), crossings
 
 
