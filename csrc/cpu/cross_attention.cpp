@@ -47,13 +47,14 @@ namespace medattn {
 namespace CPU_CAPABILITY {  // one copy per ISA pass (medattn/dispatch.h)
 namespace {
 
-// Query rows x keys per block. Forward: a 128 x 256 score block (136 KiB, in L2) amortises the per-block
-// row-state updates over 256 keys; backward: two 128 x 128 blocks (S / P and dP / dS). A query block
-// streams every key's packs (K^T, V; in the backward also K, V^T and the dK / dV accumulators) through L2,
-// megabytes at N = 3136 that come from L3: 128 rows per block halve that traffic against 64 (measured on
-// an Intel Xeon with AVX-512, 2 MiB L2: bidirectional forward at N = 3136 / 12544 +5% / +8%, tied
-// fwd+bwd +5%, small head dims unchanged). 128 query rows are also the k dimension of the dK and dV
-// products, which load and store their output tile once per 128 steps.
+// Query rows (at most: balanced_rows evens the one-way kernels' blocks out) x keys per block. Forward: a
+// 128 x 256 score block (136 KiB, in L2) amortises the per-block row-state updates over 256 keys;
+// backward: two 128 x 128 blocks (S / P and dP / dS). A query block streams every key's packs (K^T, V; in
+// the backward also K, V^T and the dK / dV accumulators) through L2, megabytes at N = 3136 that come from
+// L3: 128 rows per block halve that traffic against 64 (measured on an Intel Xeon with AVX-512, 2 MiB L2:
+// bidirectional forward at N = 3136 / 12544 +5% / +8%, tied fwd+bwd +5%, small head dims unchanged). 128
+// query rows are also the k dimension of the dK and dV products, which load and store their output tile
+// once per 128 steps.
 #ifndef TUNE_FR
 #define TUNE_FR 128
 #define TUNE_FK 256
@@ -645,7 +646,7 @@ const T* score_block(int64_t nr, int64_t nc, int64_t d, T score_scale, const T* 
   return lane_maxima.data();
 }
 
-// Forward of query rows [i0, i0 + kFwdRows) of head bh.
+// Forward of query rows [i0, i0 + p.rows) of head bh.
 template <typename T>
 void forward_rows(const Attention<T>& p, int64_t bh, int64_t i0, std::vector<T>& scores, std::vector<T>& lane_maxima,
                   RowState<T>& st) {
