@@ -129,8 +129,8 @@ inline int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 // Rows per query block: as many blocks as max_rows rows need, their rows evened out (rounded up to whole
 // vectors). N = 784 takes 7 blocks of 112 rows, not 6 of 128 and one of 16, whose dK / dV products (k = 16
 // rows) load and store their output tiles every 16 steps. With tile_gemm's 2-vector panel split, gated
-// self-attention N = 784, D = 64 fwd+bwd ran 2-3% faster (AMD EPYC Zen 3, AVX2 pass, 1 and 2 threads, min and
-// 10th percentile of 100 alternating rounds; the host's noise hides it in medians).
+// self-attention N = 784, D = 64 fwd+bwd ran 2-3% faster (AMD EPYC Zen 3, AVX2 pass, 1 and 2 threads, 4th-fastest
+// and 10th percentile of 100 alternating rounds; the host's noise hides it in medians).
 template <typename T>
 int64_t balanced_rows(int64_t n, int64_t max_rows) {
   return std::min(max_rows, vec_ceil<T>(blocks(n, blocks(n, max_rows))));
