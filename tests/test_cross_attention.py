@@ -254,6 +254,23 @@ def test_n_equals_one_and_empty_batch():
     assert out.shape == (2, 3, 37, 8) and not out.any() and not q.grad.any()
 
 
+def test_no_queries():
+    # Nq = 0 with keys: empty outputs, zero key / value gradients; the other direction of a two-way op
+    # attends over no keys (zeros, as above). Once a division by a block count of 0 (SIGFPE).
+    q, k, v = tokens(2, 3, 0, 16), tokens(2, 3, 5, 16), tokens(2, 3, 5, 8)
+    gate = make_tensor((2, 3, 0), requires_grad=True)
+    out = mk.cross_attention(q, k, v, gate=gate, backend="cpu")
+    out.sum().backward()
+    assert out.shape == (2, 3, 0, 8) and not k.grad.any() and not v.grad.any() and gate.grad.shape == (2, 3, 0)
+    for op in (mk.bidirectional_cross_attention, mk.tied_cross_attention):
+        a = [tokens(2, 3, 0, 16) for _ in range(3 if op is mk.bidirectional_cross_attention else 2)]
+        b = [tokens(2, 3, 5, 16) for _ in a]
+        o_a, o_b = op(*a, *b, backend="cpu")
+        (o_a.sum() + o_b.sum()).backward()
+        assert o_a.shape == (2, 3, 0, 16) and o_b.shape == (2, 3, 5, 16) and not o_b.any()
+        assert all(not t.grad.any() for t in b), op.__name__
+
+
 # 7 keys: a key block with padding columns (row maxima in a pass over the scores); 272 = 256 + 16: whole-vector
 # blocks, whose row maxima the score product takes as it stores them (medattn/tile_gemm.h, RowMax).
 @pytest.mark.parametrize("nk", [7, 272])

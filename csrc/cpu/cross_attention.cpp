@@ -133,6 +133,7 @@ inline int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 // and 10th percentile of 100 alternating rounds; the host's noise hides it in medians).
 template <typename T>
 int64_t balanced_rows(int64_t n, int64_t max_rows) {
+  if (n <= 0) return max_rows;  // no query rows, no blocks (and no division by a block count of 0)
   return std::min(max_rows, vec_ceil<T>(blocks(n, blocks(n, max_rows))));
 }
 
