@@ -141,3 +141,29 @@ def test_bench_cli_rejects_unknown_op(capsys):
     from medattn_kernels.bench.cli import main
     assert main(["--ops", "no_such_op"]) == 2
     assert "unknown op" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not registered_ops()["cross_attention"].cpu_kernel_ready(),
+                    reason="needs the compiled extension (the registered op)")
+def test_registered_autograd_fills_omitted_default_arguments():
+    """The dispatcher drops trailing arguments equal to their schema defaults before the Autograd kernel
+    (FusedOp._autograd_kernel) sees them; the op's setup_context and backward still get every argument."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    out_omitted, _ = torch.ops.medattn.cross_attention(q, k, v)  # scale=None, gate=None dropped
+    grads_omitted = torch.autograd.grad(out_omitted, (q, k, v), grad)
+    ref = mk.reference.cross_attention(q, k, v)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out_omitted, ref)
+    for got, want in zip(grads_omitted, grads_ref):
+        torch.testing.assert_close(got, want)
+    tensors = [torch.randn(1, 2, n, 4, dtype=torch.float64, requires_grad=True) for n in (5, 5, 5, 6, 6, 6)]
+    o_a, o_b, _, _ = torch.ops.medattn.bidirectional_cross_attention(*tensors)  # scale=None dropped
+    got = torch.autograd.grad((o_a * o_a).sum() + o_b.sum(), tensors)
+    r_a, r_b = mk.reference.bidirectional_cross_attention(*tensors)
+    want = torch.autograd.grad((r_a * r_a).sum() + r_b.sum(), tensors)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():  # inputs that require grad, grad mode off: the kernel runs without a node
+        assert torch.ops.medattn.cross_attention(q, k, v)[0].grad_fn is None

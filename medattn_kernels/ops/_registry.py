@@ -23,9 +23,10 @@ Backend choice (the rule, NATTEN/xformers style, each case with its reason):
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -90,6 +91,9 @@ class FusedOp:
     cpu_dtypes: Tuple[torch.dtype, ...] = CPU_DTYPES
     gpu_dtypes: Tuple[torch.dtype, ...] = GPU_DTYPES
     _registered: bool = field(default=False, init=False)
+    _op_overload: Optional[Callable] = field(default=None, init=False)  # set by register()
+    _backward_overload: Optional[Callable] = field(default=None, init=False)
+    _schema_defaults: tuple = field(default=(), init=False)  # each schema argument's default (None if none)
 
     # ---- torch.ops handles
     @property
@@ -191,7 +195,20 @@ class FusedOp:
         """Run the op with an already-resolved (non-reference) backend, with autograd."""
         if backend in ("op", "cpu"):
             return self.op()(*op_inputs)
-        return _ExplicitBackend.apply(self, backend, *op_inputs)
+        launch = _Launch(self, self.forward_impl(backend), self.backward_impl(backend))
+        return _FusedFunction.apply(launch, *op_inputs)
+
+    def _autograd_kernel(self, keyset, *op_inputs):
+        """The Autograd-key kernel of torch.ops.medattn.<op>: what torch.library.register_autograd
+        generates, minus the generality our schemas do not use (keyword-only and out= arguments), and with
+        the schema's defaults looked up once at registration instead of per call. At a U-Net's small maps
+        that per-call work cost as much as an activated batch norm's kernel."""
+        if len(op_inputs) < len(self._schema_defaults):  # the dispatcher drops trailing default arguments
+            op_inputs = op_inputs + self._schema_defaults[len(op_inputs):]
+        forward = functools.partial(_run_below_autograd, self._op_overload, keyset)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*op_inputs):
+            return _FusedFunction.apply(_Launch(self, forward, self._backward_overload), *op_inputs)
+        return forward(*op_inputs)
 
     # ---- registration with torch.library (once, at import of the op module)
     def register(self) -> "FusedOp":
@@ -206,10 +223,13 @@ class FusedOp:
             torch.library.register_fake(f"medattn::_cuda_{self.name}")(self.fake)
             torch.library.register_fake(f"medattn::_cuda_{self.name}_backward")(self.backward_fake)
 
-        def _autograd_backward(ctx, *grads):
-            return self.backward(ctx, self.backward_op(), *grads)
-
-        torch.library.register_autograd(self.qualname, _autograd_backward, setup_context=self.setup_context)
+        self._op_overload, self._backward_overload = self.op(), self.backward_op()
+        arguments = self._op_overload._schema.arguments
+        if any(a.kwarg_only for a in arguments):
+            raise NotImplementedError(f"{self.qualname}: keyword-only schema arguments are not supported by "
+                                      "FusedOp._autograd_kernel")
+        self._schema_defaults = tuple(a.default_value for a in arguments)
+        _AUTOGRAD_LIBRARY.impl(self.name, self._autograd_kernel, "Autograd", with_keyset=True)
         if self.triton is not None or self.cuda_cpp:
             torch.library.register_kernel(self.qualname, "cuda")(self._gpu_forward)
             torch.library.register_kernel(f"{self.qualname}_backward", "cuda")(self._gpu_backward)
@@ -233,21 +253,41 @@ class FusedOp:
         return self.backward_impl(self._gpu_choice(*bw_inputs))(*bw_inputs)
 
 
-class _ExplicitBackend(torch.autograd.Function):
-    """Autograd for an explicitly chosen backend, reusing the op's own setup_context/backward."""
+def _run_below_autograd(op, keyset, *op_inputs):
+    """The registered kernel below the Autograd key (CPU, CUDA, or a tracing mode's), with nested ops
+    not recorded by autograd, as torch.library's generated kernels do."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *op_inputs)
+
+
+class _Launch(NamedTuple):
+    """One call's autograd node: the op's description and the launchers of its forward and backward
+    (with the <op> and <op>_backward schemas' signatures)."""
+
+    spec: "FusedOp"
+    forward: Callable
+    backward: Callable
+
+
+class _FusedFunction(torch.autograd.Function):
+    """Autograd for every op and backend (the registered op's Autograd kernel and an explicitly chosen
+    backend alike): the op's own setup_context saves what its backward formula needs, and the formula
+    runs on the launch's backward. The launch is the one input before the op's (see needs_grad)."""
 
     @staticmethod
-    def forward(ctx, spec: FusedOp, backend: str, *op_inputs):
-        outputs = spec.forward_impl(backend)(*op_inputs)
-        ctx.medattn_input_offset = 2
-        spec.setup_context(ctx, op_inputs, outputs)
-        ctx.medattn = (spec, backend)
+    def forward(ctx, launch: _Launch, *op_inputs):
+        outputs = launch.forward(*op_inputs)
+        launch.spec.setup_context(ctx, op_inputs, outputs)
+        ctx.medattn_launch = launch
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
-        spec, backend = ctx.medattn
-        return (None, None) + tuple(spec.backward(ctx, spec.backward_impl(backend), *grads))
+        launch = ctx.medattn_launch
+        return (None, *launch.spec.backward(ctx, launch.backward, *grads))
+
+
+_AUTOGRAD_LIBRARY = torch.library.Library("medattn", "FRAGMENT")  # holds the Autograd kernels (kept alive)
 
 
 def registered_ops() -> Dict[str, FusedOp]:
@@ -265,9 +305,8 @@ def info_rows() -> list:
 
 
 def needs_grad(ctx, index: int) -> bool:
-    """ctx.needs_input_grad[index] for the op's index-th input, under either path: torch.library's
-    autograd (inputs as in the schema) or _ExplicitBackend (whose first two inputs are spec, backend)."""
-    return bool(ctx.needs_input_grad[index + getattr(ctx, "medattn_input_offset", 0)])
+    """ctx.needs_input_grad for the op's index-th input (_FusedFunction's first input is the launch)."""
+    return bool(ctx.needs_input_grad[index + 1])
 
 
 def zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

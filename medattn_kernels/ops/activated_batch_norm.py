@@ -17,7 +17,8 @@ import torch
 
 from .. import reference
 from ..triton._common import output_layout
-from ._checks import as_4d_map, check_dims, check_floating, check_like, check_spatial_map, check_tensor
+from ._checks import (as_4d_map, check_dims, check_floating, check_like, check_spatial_map, check_tensor,
+                      from_4d_map)
 from ._registry import FusedOp, needs_grad, none_if_absent
 
 
@@ -116,8 +117,9 @@ def _activated_batch_norm(x, weight, bias, eps: float, negative_slope: float, ba
     chosen = SPEC.resolve(backend, x, "x")
     if chosen == "reference":
         return reference.activated_batch_norm(x, weight, bias, eps, negative_slope)
-    y, mean, var = SPEC.run(chosen, as_4d_map(x), weight, bias, eps, negative_slope)
-    return y.view(x.shape), mean, var
+    x_map = as_4d_map(x)
+    y, mean, var = SPEC.run(chosen, x_map, weight, bias, eps, negative_slope)
+    return from_4d_map(y, x, x_map), mean, var
 
 
 def signed_weight_plan(weight: torch.Tensor, eps: float):

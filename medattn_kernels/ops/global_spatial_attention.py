@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 from ..triton._common import output_layout
-from ._checks import as_4d_map, check_floating, check_like, check_spatial_map
+from ._checks import as_4d_map, check_floating, check_like, check_spatial_map, from_4d_map
 from ._registry import FusedOp, needs_grad
 
 
@@ -80,4 +80,5 @@ def global_spatial_attention(x: torch.Tensor, y: Optional[torch.Tensor] = None, 
     chosen = SPEC.resolve(backend, x, "x")
     if chosen == "reference":
         return reference.global_spatial_attention(x, y)
-    return SPEC.run(chosen, as_4d_map(x), None if y is None else as_4d_map(y)).view(x.shape)
+    x_map = as_4d_map(x)
+    return from_4d_map(SPEC.run(chosen, x_map, None if y is None else as_4d_map(y)), x, x_map)
