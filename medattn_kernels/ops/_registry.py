@@ -226,7 +226,7 @@ class FusedOp:
         self._op_overload, self._backward_overload = self.op(), self.backward_op()
         arguments = self._op_overload._schema.arguments
         if any(a.kwarg_only for a in arguments):
-            raise NotImplementedError(f"{self.qualname}: keyword-only schema arguments are not supported by "
+            raise RuntimeError(f"{self.qualname}: keyword-only schema arguments are not supported by "
                                       "FusedOp._autograd_kernel")
         self._schema_defaults = tuple(a.default_value for a in arguments)
         _AUTOGRAD_LIBRARY.impl(self.name, self._autograd_kernel, "Autograd", with_keyset=True)
