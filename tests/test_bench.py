@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import medattn_kernels as mk
 from medattn_kernels.bench import harness
 from medattn_kernels.bench.harness import Candidate, Case, Result
 
@@ -90,6 +91,19 @@ def test_training_step_variants():
     from medattn_kernels.bench.training_step import variants
     assert list(variants("din")) == ["fused", "reference+sdpa", "reference"]
     assert list(variants("mslkseg")) == ["fused", "reference"]  # no attention: no SDPA variant
+
+
+@pytest.mark.skipif(not mk.isa.cpu_isa(), reason="needs the compiled extension (its CPU kernels)")
+def test_small_maps_benchmark_writes_every_layer(tmp_path):
+    from medattn_kernels.bench.small_maps import ABN_SHAPES, main
+    out = tmp_path / "small.json"
+    assert main(["--calls", "1", "--rounds", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    layers = [row["layer"] for row in data["rows"]]
+    assert len(layers) == len(ABN_SHAPES) + 4 and "ISA pass" in data["machine"]
+    assert all(row["ours_us"] > 0 and row["counterpart_us"] > 0 for row in data["rows"])
+    with pytest.raises(SystemExit):
+        main(["--calls", "0"])
 
 
 _REFAULT_SCRIPT = """
