@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from ._entry import quiet_on_closed_pipe
+
 DEFAULT_LR = 3e-3
 
 
@@ -262,6 +264,7 @@ def demo(args) -> int:
     return 0
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="medattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,15 +1,31 @@
 """`medattn` command line: info, and a tiny demo run end to end (2 steps, 32 px)."""
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from medattn_kernels.cli import TIMING_WARMUP, main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_info(capsys):
     assert main(["info"]) == 0
     assert "cross_attention" in capsys.readouterr().out
+
+
+def test_info_into_a_closed_pipe_exits_without_a_traceback():
+    """`medattn info | head -1`: the reader is gone before the output is flushed (here from the start,
+    so the write always meets a closed pipe); the command stops with status 1 and nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "medattn_kernels.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err.decode()
+    assert err.decode() == ""
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="needs the nilearn wheel's data files")

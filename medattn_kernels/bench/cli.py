@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from .._entry import quiet_on_closed_pipe
 from . import op_modules
 from .harness import format_table, keep_freed_memory, measure_machine, run_case, write_results
 
@@ -94,6 +95,7 @@ def _run_isa_passes(args, argv) -> int:
     return 0
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
