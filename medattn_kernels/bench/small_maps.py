@@ -49,11 +49,8 @@ def layer_pairs() -> List[Tuple[str, str, Callable[[], None], Callable[[], None]
                   _fwd_bwd(lambda: global_spatial_attention(x), grad),
                   _fwd_bwd(lambda: x * torch.sigmoid(x.mean(1, keepdim=True)), grad)))
     weight = make_tensor((SMALL_MAP[1], 1, 7, 7), torch.float32, "cpu", requires_grad=True)
-    x_cl = make_tensor(SMALL_MAP, torch.float32, "cpu", requires_grad=True)
-    with torch.no_grad():
-        x_cl = x_cl.to(memory_format=torch.channels_last).requires_grad_()
-    best_conv = {"NCHW": x, "channels_last": x_cl}
-    for layout, inp in best_conv.items():
+    x_cl = make_tensor(SMALL_MAP, torch.float32, "cpu", layout="channels_last", requires_grad=True)
+    for layout, inp in (("NCHW", x), ("channels_last", x_cl)):
         pairs.append((f"depthwise_conv2d 7x7 {SMALL_MAP} {layout}", f"F.conv2d {layout}",
                       _fwd_bwd(lambda inp=inp: depthwise_conv2d(inp, weight), grad),
                       _fwd_bwd(lambda inp=inp: F.conv2d(inp, weight, padding=3, groups=SMALL_MAP[1]), grad)))
