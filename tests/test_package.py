@@ -167,3 +167,19 @@ def test_registered_autograd_fills_omitted_default_arguments():
         torch.testing.assert_close(g, w)
     with torch.no_grad():  # inputs that require grad, grad mode off: the kernel runs without a node
         assert torch.ops.medattn.cross_attention(q, k, v)[0].grad_fn is None
+
+
+@pytest.mark.skipif(not registered_ops()["cross_attention"].cpu_kernel_ready(),
+                    reason="needs the compiled extension (the medattn namespace)")
+@pytest.mark.parametrize("schema", ["(Tensor[] xs) -> Tensor", "(Tensor x, *, float alpha) -> Tensor"])
+def test_registry_refuses_schemas_its_autograd_kernel_does_not_handle(schema):
+    from medattn_kernels.ops._registry import FusedOp
+    name = "_test_tensor_list" if "[]" in schema else "_test_kwarg_only"
+    lib = torch.library.Library("medattn", "FRAGMENT")
+    lib.define(name + schema)
+    lib.define(name + "_backward(Tensor grad) -> Tensor")
+    spec = FusedOp(name=name, fake=lambda *a, **k: None, setup_context=lambda *a: None,
+                   backward=lambda *a: None, backward_fake=lambda *a: None)
+    with pytest.raises(RuntimeError, match="keyword-only arguments and tensor lists are not supported"):
+        spec.register()
+    assert not spec._registered and name not in registered_ops()

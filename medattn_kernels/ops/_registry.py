@@ -200,9 +200,10 @@ class FusedOp:
 
     def _autograd_kernel(self, keyset, *op_inputs):
         """The Autograd-key kernel of torch.ops.medattn.<op>: what torch.library.register_autograd
-        generates, minus the generality our schemas do not use (keyword-only and out= arguments), and with
-        the schema's defaults looked up once at registration instead of per call. At a U-Net's small maps
-        that per-call work cost as much as an activated batch norm's kernel."""
+        generates, minus the generality our schemas do not use (keyword-only and out= arguments, tensor
+        lists: register() refuses them), and with the schema's defaults looked up once at registration
+        instead of per call. At a U-Net's small maps that per-call work cost as much as an activated batch
+        norm's kernel."""
         if len(op_inputs) < len(self._schema_defaults):  # the dispatcher drops trailing default arguments
             op_inputs = op_inputs + self._schema_defaults[len(op_inputs):]
         forward = functools.partial(_run_below_autograd, self._op_overload, keyset)
@@ -212,6 +213,8 @@ class FusedOp:
 
     # ---- registration with torch.library (once, at import of the op module)
     def register(self) -> "FusedOp":
+        if self.defined and not self._registered:  # refuse before registering anything
+            self._schema_defaults = self._supported_schema_defaults()
         _OPS[self.name] = self
         if not self.defined or self._registered:
             return self
@@ -222,19 +225,24 @@ class FusedOp:
         if self.cuda_cpp and hasattr(torch.ops.medattn, f"_cuda_{self.name}"):
             torch.library.register_fake(f"medattn::_cuda_{self.name}")(self.fake)
             torch.library.register_fake(f"medattn::_cuda_{self.name}_backward")(self.backward_fake)
-
         self._op_overload, self._backward_overload = self.op(), self.backward_op()
-        arguments = self._op_overload._schema.arguments
-        if any(a.kwarg_only for a in arguments):
-            raise RuntimeError(f"{self.qualname}: keyword-only schema arguments are not supported by "
-                                      "FusedOp._autograd_kernel")
-        self._schema_defaults = tuple(a.default_value for a in arguments)
         _AUTOGRAD_LIBRARY.impl(self.name, self._autograd_kernel, "Autograd", with_keyset=True)
         if self.triton is not None or self.cuda_cpp:
             torch.library.register_kernel(self.qualname, "cuda")(self._gpu_forward)
             torch.library.register_kernel(f"{self.qualname}_backward", "cuda")(self._gpu_backward)
         self._registered = True
         return self
+
+    def _supported_schema_defaults(self) -> tuple:
+        """Each argument's default (None where it has none), for _autograd_kernel; RuntimeError for a schema
+        it does not handle."""
+        schema = self.op()._schema
+        tensor_lists = any(torch._library.utils.is_tensorlist_like_type(a.type)
+                           for a in (*schema.arguments, *schema.returns))
+        if tensor_lists or any(a.kwarg_only for a in schema.arguments):
+            raise RuntimeError(f"{self.qualname}: keyword-only arguments and tensor lists are not supported by "
+                               "FusedOp._autograd_kernel (torch.library.register_autograd handles them)")
+        return tuple(a.default_value for a in schema.arguments)
 
     def _gpu_choice(self, *op_inputs) -> str:
         cuda_ok = self.cuda_cpp and _has_kernel(f"medattn::_cuda_{self.name}", "CUDA")
