@@ -6,10 +6,11 @@ the schema name, its fake kernel, how autograd saves and differentiates it (`set
 schema), and the forward/backward launchers of each non-C++ backend. From that one description this
 module
 
-* registers the fake kernels, the autograd formula and the Python CUDA kernels on
+* registers the fake kernels, an Autograd-key kernel and the Python CUDA kernels on
   `torch.ops.medattn.<op>` / `<op>_backward` (when the compiled extension defines them);
-* runs an explicitly chosen backend (Triton on CPU tensors under TRITON_INTERPRET=1, or a specific GPU
-  backend) through one generic autograd.Function that reuses the same `setup_context`/`backward`;
+* runs the registered op and an explicitly chosen backend (Triton on CPU tensors under
+  TRITON_INTERPRET=1, or a specific GPU backend) alike through one generic autograd.Function
+  (_FusedFunction) that calls the op's `setup_context`/`backward`;
 * answers `info()`.
 
 Backend choice (the rule, NATTEN/xformers style, each case with its reason):
