@@ -92,7 +92,7 @@ def test_training_step_variants():
     assert list(variants("mslkseg")) == ["fused", "reference"]  # no attention: no SDPA variant
 
 
-def test_small_maps_benchmark_writes_every_layer(tmp_path):
+def test_small_maps_benchmark_writes_every_layer(tmp_path, capsys):
     from medattn_kernels.bench.small_maps import ABN_SHAPES, main
     out = tmp_path / "small.json"
     assert main(["--calls", "1", "--rounds", "1", "--json", str(out)]) == 0
@@ -100,8 +100,10 @@ def test_small_maps_benchmark_writes_every_layer(tmp_path):
     layers = [row["layer"] for row in data["rows"]]
     assert len(layers) == len(ABN_SHAPES) + 4 and "ISA pass" in data["machine"]
     assert all(row["ours_us"] > 0 and row["counterpart_us"] > 0 for row in data["rows"])
-    with pytest.raises(SystemExit):
-        main(["--calls", "0"])
+    for bad in (["--calls", "0"], ["--rounds", "-1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert f"{bad[0]}: expected >= 1, got {bad[1]}" in capsys.readouterr().err
 
 
 _REFAULT_SCRIPT = """

@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", default=None, help="write the rows and the machine here")
     args = p.parse_args(argv)
-    for name in ("calls", "rounds"):
-        if getattr(args, name) < 1:
+    for name in ("calls", "rounds", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
