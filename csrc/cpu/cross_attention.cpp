@@ -156,26 +156,23 @@ Tokens<T> tokens_out(const at::Tensor& t) {
   return {t.mutable_data_ptr<T>(), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// n zeros at p: the padding after each row of a pack, mostly a vector or less, written as (partial) vector
-// stores without a loop; std::fill (and any zeroing loop, which GCC turns into one) called libc's memset
+// The zeros after the n values of a packed row up to the end of its last vector (fewer than one vector), as
+// one partial vector store: std::fill (and any zeroing loop, which GCC turns into one) called libc's memset
 // once per row, 10^4 calls per gated self-attention backward at N = 784, D = 64: 0.5% of its time in
-// memset's call and setup.
+// memset's call and setup. Readers take a pack's rows in whole vectors and drop the lanes past n; the zeros
+// keep those lanes' products finite (no NaN or denormals from whatever the buffer held before).
 template <typename T>
 void zero_padding(T* p, int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  if (n > 2 * W) {  // a short last token block: long runs, few of them
-    std::fill(p, p + n, T(0));
-    return;
-  }
-  const V zero(T(0));
-  if (n >= W) zero.store(p), p += W, n -= W;
-  if (n >= W) zero.store(p), p += W, n -= W;
-  if (n > 0) zero.store(p, static_cast<int>(n));
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(n < Vectorized<T>::size());
+  if (n > 0) Vectorized<T>(T(0)).store(p, static_cast<int>(n));
 }
 
 // Channel-major pack of the tokens of x (one token block, see kTokenBlock) of one head:
-// dst[c * ld + i] = x[i, c] * f[i] (f = 1 when null) for i < n, zeros for i in [n, ld).
+// dst[c * ld + i] = x[i, c] * f[i] (f = 1 when null) for i < n, zeros for i in [n, vec_ceil(n)). The rest of
+// each row, up to ld, is never read: every product over a pack takes a key block's vec_ceil(nc) columns
+// (score_block, the backward's tile_gemm calls), and key blocks do not straddle token blocks. Zeroing up
+// to ld wrote 5x the packed values for a 49-token head (one 256-token block): memset took 8% / 7% of the
+// samples of DIN's last-stage attention (N = 49, D = 48) forward / backward on the Zen 3 (AVX2).
 //
 // From a token-major source (channels contiguous: [B, H, N, D] tensors) this is a transpose, done in 8 x 8
 // register blocks (medattn/transpose.h): a scalar gather here was 8% of a gated self-attention forward at
@@ -207,7 +204,7 @@ void pack_channel_major(const Tokens<const T>& x, int64_t bh, T* dst, int64_t ld
   if (f != nullptr)
     for (int64_t c = 0; c < x.c; ++c)
       for (int64_t i = 0; i < x.n; ++i) dst[c * ld + i] *= f[i];
-  for (int64_t c = 0; c < x.c; ++c) zero_padding(dst + c * ld + x.n, ld - x.n);
+  for (int64_t c = 0; c < x.c; ++c) zero_padding(dst + c * ld + x.n, vec_ceil<T>(x.n) - x.n);
 }
 
 // Token-major pack of one head: dst[i * ld + c] = x[i, c] * f[i] for c < C, zeros for c in [C, ld).
