@@ -11,7 +11,12 @@
 //    or less and never an N x N matrix;
 //  * every `<op>` has a registered `<op>_backward`, so the backward is itself a dispatchable op;
 //  * an "absent" optional gradient is returned as an empty tensor of shape [0].
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>  // torch::autograd::increment_version
 #include <torch/library.h>
+
+#include <optional>
+#include <tuple>
 
 TORCH_LIBRARY(medattn, m) {
   // ---- runtime CPU ISA dispatch (csrc/dispatch.cpp): the capability whose kernels this process runs
@@ -31,7 +36,11 @@ TORCH_LIBRARY(medattn, m) {
   // ---- activated batch norm: leaky_relu(batch_norm(x)) with batch statistics, gamma = |weight| + eps,
   // keeping only its output for backward (InPlace-ABN). Returns (y, mean, var): the biased batch
   // statistics [C] (float32, float64 for float64 x) for the running estimates and the backward.
-  m.def("activated_batch_norm(Tensor x, Tensor weight, Tensor bias, float eps, float negative_slope) "
+  // running_mean / running_var (both or neither, [C], any floating dtype): updated in place as ATen's
+  // batch_norm does, running = (1 - momentum) * running + momentum * batch statistic (the variance unbiased,
+  // x M / (M - 1) for M values per channel), so a BatchNorm layer's bookkeeping costs no op of its own.
+  m.def("activated_batch_norm(Tensor x, Tensor weight, Tensor bias, float eps, float negative_slope, "
+        "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.1) "
         "-> (Tensor, Tensor, Tensor)");
   // output_mask = (grad_x, grad_weight, grad_bias); unrequested gradients come back as shape [0]
   m.def(
@@ -81,6 +90,37 @@ TORCH_LIBRARY(medattn, m) {
       "sobel_boundary_loss(Tensor pred, Tensor target, int[] scales, float[] weights, float eps, "
       "bool from_logits, int ignore_index, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("sobel_boundary_loss_backward(Tensor grad_loss, Tensor grad_pred, int reduction) -> Tensor");
+}
+
+// The one mutating schema (activated_batch_norm's running statistics) gets what ATen's generated
+// ADInplaceOrView kernels give every in-place op: the version counters of the tensors it writes move, so
+// that autograd refuses a backward that saved one of them before this call changed it.
+namespace {
+using AbnOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using AbnSignature = AbnOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+
+AbnOutputs activated_batch_norm_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& x,
+                                                const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                                double negative_slope, const std::optional<at::Tensor>& running_mean,
+                                                const std::optional<at::Tensor>& running_var, double momentum) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("medattn::activated_batch_norm", "").typed<AbnSignature>();
+  AbnOutputs outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    outputs = op.redispatch(keys & c10::after_ADInplaceOrView_keyset, x, weight, bias, eps, negative_slope,
+                            running_mean, running_var, momentum);
+  }
+  for (const auto* written : {&running_mean, &running_var}) {
+    if (written->has_value()) torch::autograd::increment_version(**written);
+  }
+  return outputs;
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medattn, ADInplaceOrView, m) {
+  m.impl("activated_batch_norm", TORCH_FN(activated_batch_norm_inplace_or_view));
 }
 
 #ifdef TORCH_EXTENSION_NAME

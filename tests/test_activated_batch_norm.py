@@ -314,6 +314,77 @@ def test_module_running_statistics_and_eval(momentum):
     assert "fused=True" in repr(fused)
 
 
+# The op moves a BatchNorm layer's running estimates in its own call, as ATen's batch_norm does: checked
+# against ATen's batch_norm moving float64 buffers from the same values. The buffers are strided views (every
+# other value of a wider tensor): the kernel must write through their stride and nowhere else.
+@pytest.mark.parametrize("backend, dtype, stat_dtype", [
+    ("cpu", torch.float32, torch.float32), ("cpu", torch.bfloat16, torch.float32), ("cpu", torch.float64,
+    torch.float64), ("cpu", torch.float32, torch.bfloat16), ("reference", torch.float32, torch.float32),
+    pytest.param("triton", torch.float32, torch.float32, marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape, layout", [((3, 6, 9, 7), "contiguous"), ((3, 6, 9, 7), "channels_last"),
+                                           ((2, 6, 11), "noncontiguous"), ((2, 6, 3, 4, 5), "channels_last")])
+def test_op_updates_running_statistics(backend, dtype, stat_dtype, shape, layout):
+    device = triton_device() if backend == "triton" else "cpu"
+    x = make_tensor(shape, dtype, device, layout=layout, low=-1, high=3)
+    weight, bias = make_params(6, dtype, device)
+    momentum = float(torch.empty(()).uniform_(0.05, 0.95))
+    start_mean = torch.randn(6, dtype=torch.float64, device=device)
+    start_var = torch.rand(6, dtype=torch.float64, device=device) + 0.5
+    wide = torch.randn(2, 12, dtype=stat_dtype, device=device)
+    outside = wide[:, 1::2].clone()
+    running_mean, running_var = wide[0, ::2], wide[1, ::2]
+    running_mean.copy_(start_mean), running_var.copy_(start_var)
+    expected_mean, expected_var = start_mean.clone(), start_var.clone()
+    torch.nn.functional.batch_norm(x.double(), expected_mean, expected_var, training=True, momentum=momentum)
+    versions = running_mean._version, running_var._version
+    y, mean, var = mk.activated_batch_norm(x, weight, bias, running_mean=running_mean, running_var=running_var,
+                                           momentum=momentum, backend=backend)
+    y.sum().backward()  # the running statistics are no input of the backward
+    assert_close_to_reference(running_mean, expected_mean, stat_dtype, "running_mean")
+    assert_close_to_reference(running_var, expected_var, stat_dtype, "running_var")
+    assert torch.equal(wide[:, 1::2], outside), "values between the strided buffers' elements changed"
+    # as ATen's in-place ops: the version counters move, so a backward that saved a buffer before is refused
+    assert running_mean._version > versions[0] and running_var._version > versions[1]
+    assert weight.grad is not None and running_mean.grad is None
+
+
+def test_signed_weight_updates_running_statistics():
+    # Negative weights flip x's channels inside signed_weight: the running mean must still be x's own.
+    bn = torch.nn.BatchNorm2d(5, momentum=0.2).double()
+    with torch.no_grad():
+        bn.weight.copy_(make_params(5, torch.float64)[0])
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    x = make_tensor((3, 5, 6, 7), torch.float64, low=-1, high=3)
+    y = mk.activated_batch_norm(x, bn.weight, bn.bias, bn.eps, 0.1, signed_weight=True, running_mean=running_mean,
+                                running_var=running_var, momentum=0.2)[0]
+    assert_close_to_reference(y, torch.nn.functional.leaky_relu(bn(x), 0.1), torch.float64)
+    assert_close_to_reference(running_mean, bn.running_mean, torch.float64, "running_mean")
+    assert_close_to_reference(running_var, bn.running_var, torch.float64, "running_var")
+
+
+def test_opcheck_running_statistics():
+    x = make_tensor((2, 5, 7, 3), requires_grad=True)
+    weight, bias = make_params(5)
+    running_mean, running_var = torch.randn(5), torch.rand(5) + 0.5
+    torch.library.opcheck(torch.ops.medattn.activated_batch_norm.default,
+                          (x, weight, bias, 1e-5, 0.01, running_mean, running_var, 0.3))
+
+
+def test_module_torch_compile_updates_running_statistics():
+    # aot_eager functionalises the op's in-place running statistics and writes them back to the buffers.
+    eager = mk.nn.ActivatedBatchNorm2d(6)
+    module = mk.nn.ActivatedBatchNorm2d(6)
+    module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = make_tensor((3, 6, 5, 7), low=-1, high=3, requires_grad=True)
+        compiled(x).sum().backward()
+        eager(x.detach()).sum()
+    for name in ("running_mean", "running_var"):
+        assert_close_to_reference(getattr(module, name), getattr(eager, name).double(), torch.float32, name)
+    assert int(module.num_batches_tracked) == 2 and x.grad is not None
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3), w, b), ValueError,
      r"x: expected a 3-D, 4-D or 5-D tensor \[B, C, \*spatial\] with 1 to 3 spatial dims"),
@@ -339,6 +410,23 @@ def test_module_running_statistics_and_eval(momentum):
     (lambda w, b: torch.ops.medattn.activated_batch_norm(torch.randn(2, 3, 2, 2), w[:2], b, 1e-5, 0.1),
      RuntimeError, r"weight: expected shape \[C\]"),
     (lambda w, b: mk.nn.ActivatedBatchNorm2d(3, negative_slope=0.0), ValueError, r"negative_slope: expected > 0"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3, 2, 2), w, b, running_mean=torch.zeros(3)), ValueError,
+     r"running_mean, running_var: expected both or neither, got no running_var"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3, 2, 2), w, b, running_mean=torch.zeros(3),
+                                          running_var=torch.ones(4)), ValueError,
+     r"running_var: expected shape \[C\] = \[3\]"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3, 2, 2), w, b, running_var=torch.ones(3),
+                                          running_mean=torch.zeros(3, dtype=torch.long)), TypeError,
+     r"running_mean: expected a floating"),
+    (lambda w, b: mk.activated_batch_norm(torch.randn(2, 3, 2, 2), w, b, running_mean=torch.zeros(3),
+                                          running_var=torch.ones(3).double()), TypeError,
+     r"running_var: expected dtype float32 \(as running_mean\)"),
+    (lambda w, b: torch.ops.medattn.activated_batch_norm(torch.randn(2, 3, 2, 2), w, b, 1e-5, 0.1, None,
+                                                         torch.ones(3)), RuntimeError,
+     r"running_mean, running_var: expected both or neither, got only running_var"),
+    (lambda w, b: torch.ops.medattn.activated_batch_norm(torch.randn(2, 3, 2, 2), w, b, 1e-5, 0.1, torch.zeros(3),
+                                                         torch.ones(3, dtype=torch.int32)), RuntimeError,
+     r"running_var: expected a floating dtype"),
 ])
 def test_bad_input(call, error, match):
     weight, bias = make_params(3)

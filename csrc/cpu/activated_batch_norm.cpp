@@ -41,7 +41,9 @@
 #include <array>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace medattn {
@@ -575,9 +577,48 @@ void check_slope(double negative_slope) {
               negative_slope);
 }
 
+void check_running_stats(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                         const std::optional<at::Tensor>& running_var) {
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "running_mean, running_var: expected both or neither, got only ",
+              running_mean.has_value() ? "running_mean" : "running_var");
+  if (!running_mean.has_value()) return;
+  for (const auto& [t, name] : {std::pair{&*running_mean, "running_mean"}, std::pair{&*running_var, "running_var"}}) {
+    check_cpu(*t, name);
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape [C] = [", x.size(1), "], got ",
+                t->sizes());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, ": expected a floating dtype, got ", t->scalar_type());
+  }
+  TORCH_CHECK(running_var->scalar_type() == running_mean->scalar_type(), "running_var: expected dtype ",
+              running_mean->scalar_type(), " (as running_mean), got ", running_var->scalar_type());
+}
+
+// A BatchNorm layer's running estimates, moved as ATen's batch_norm moves them (the variance unbiased by
+// M / (M - 1)), in double and rounded once to the buffers' dtype. [C] values: nothing beside the map's passes,
+// and the layer then needs no op of its own for them (five small ops cost a fifth of its call at 12 x 12).
+template <typename acc>
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const acc* mean, const acc* var,
+                          int64_t M, double momentum) {
+  const double unbias = static_cast<double>(M) / static_cast<double>(M - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "running statistics", [&] {
+    scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+    const int64_t sm = running_mean.stride(0), sv = running_var.stride(0);
+    for (int64_t c = 0; c < running_mean.size(0); ++c) {
+      rm[c * sm] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rm[c * sm]) +
+                                         momentum * static_cast<double>(mean[c]));
+      rv[c * sv] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(rv[c * sv]) +
+                                         momentum * unbias * static_cast<double>(var[c]));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                            const at::Tensor& bias_in, double eps,
-                                                           double negative_slope) {
+                                                           double negative_slope,
+                                                           const std::optional<at::Tensor>& running_mean_in,
+                                                           const std::optional<at::Tensor>& running_var_in,
+                                                           double momentum) {
   check_rank(x_in, 4, "x", "[B, C, H, W]");
   check_cpu(x_in, "x");
   check_float(x_in, "x");
@@ -585,6 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_forward(const at::Tensor& x_i
   check_params(x_in, bias_in, "bias");
   check_slope(negative_slope);
   TORCH_CHECK(eps > 0, "eps: expected > 0, got ", eps);
+  check_running_stats(x_in, running_mean_in, running_var_in);
   const bool cl = is_channels_last(x_in);
   const at::Tensor x = in_own_layout(x_in, cl);
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
@@ -601,6 +643,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_forward(const at::Tensor& x_i
     run(g, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
         bias.const_data_ptr<scalar_t>(), eps, negative_slope, mean.mutable_data_ptr<acc>(),
         var.mutable_data_ptr<acc>());
+    if (running_mean_in.has_value()) {
+      at::Tensor running_mean = *running_mean_in, running_var = *running_var_in;
+      update_running_stats(running_mean, running_var, mean.const_data_ptr<acc>(), var.const_data_ptr<acc>(), g.M(),
+                           momentum);
+    }
   });
   return {y, mean, var};
 }

@@ -9,8 +9,9 @@ using namespace medattn_test;
 int main() {
   at::manual_seed(static_cast<uint64_t>(std::random_device{}()));
   using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-  auto forward = op<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>(
-      "medattn::activated_batch_norm");
+  using OptionalTensor = const std::optional<at::Tensor>&;
+  auto forward = op<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, OptionalTensor,
+                           OptionalTensor, double)>("medattn::activated_batch_norm");
   auto backward = op<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, double, double, std::array<bool, 3>)>(
       "medattn::activated_batch_norm_backward");
@@ -25,10 +26,18 @@ int main() {
       auto b = at::randn({6}, at::kDouble);
       w.requires_grad_();
       b.requires_grad_();
+      // ATen's batch_norm moves its running estimates in the same call: ours must move them the same way.
+      const double momentum = 0.3;
+      auto aten_mean = at::randn({6}, at::kDouble), aten_var = at::rand({6}, at::kDouble) + 0.5;
+      // copies even in float64 (where .to(dtype) would hand back ATen's buffers, which its backward saved)
+      auto running_mean = aten_mean.to(dtype).clone(), running_var = aten_var.to(dtype).clone();
       auto composite = at::leaky_relu(
-          at::batch_norm(x, w.abs() + eps, b, {}, {}, /*training=*/true, 0.0, eps, false), slope);
-      auto [y, mean, var] = forward.call(x.detach().to(dtype), w.detach().to(dtype), b.detach().to(dtype), eps, slope);
+          at::batch_norm(x, w.abs() + eps, b, aten_mean, aten_var, /*training=*/true, momentum, eps, false), slope);
+      auto [y, mean, var] = forward.call(x.detach().to(dtype), w.detach().to(dtype), b.detach().to(dtype), eps, slope,
+                                         running_mean, running_var, momentum);
       expect_close(y, composite, tol, "forward " + tag);
+      expect_close(running_mean, aten_mean, tol, "running mean " + tag);
+      expect_close(running_var, aten_var, tol, "running var " + tag);
       expect_close(mean, x.detach().mean({0, 2, 3}), tol, "mean " + tag);
       expect_close(var, x.detach().var({0, 2, 3}, /*unbiased=*/false), tol, "var " + tag);
       auto g = at::randn_like(composite);
@@ -41,11 +50,19 @@ int main() {
     }
   }
   auto w = at::ones({3}), b = at::zeros({3});
-  expect_throws([&] { forward.call(at::randn({2, 3, 4}), w, b, eps, slope); }, "x: expected a 4-D tensor", "rank check");
-  expect_throws([&] { forward.call(at::randn({2, 3, 4, 4}), w, b, eps, 0.0); }, "negative_slope: expected > 0",
+  const std::optional<at::Tensor> none;
+  auto without_stats = [&](const at::Tensor& x, double slope_arg) {
+    return forward.call(x, w, b, eps, slope_arg, none, none, 0.1);
+  };
+  expect_throws([&] { without_stats(at::randn({2, 3, 4}), slope); }, "x: expected a 4-D tensor", "rank check");
+  expect_throws([&] { without_stats(at::randn({2, 3, 4, 4}), 0.0); }, "negative_slope: expected > 0",
                 "slope check");
-  expect_throws([&] { forward.call(at::randn({1, 3, 1, 1}), w, b, eps, slope); }, "more than 1 value per channel",
+  expect_throws([&] { without_stats(at::randn({1, 3, 1, 1}), slope); }, "more than 1 value per channel",
                 "batch statistics check");
+  expect_throws([&] { forward.call(at::randn({2, 3, 4, 4}), w, b, eps, slope, at::zeros({3}), none, 0.1); },
+                "running_mean, running_var: expected both or neither", "running statistics pair check");
+  expect_throws([&] { forward.call(at::randn({2, 3, 4, 4}), w, b, eps, slope, at::zeros({4}), at::ones({4}), 0.1); },
+                "running_mean: expected shape [C] = [3]", "running statistics shape check");
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }

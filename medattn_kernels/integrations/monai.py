@@ -27,7 +27,7 @@ from monai.networks.blocks import CrossAttentionBlock, SABlock, SpatialAttention
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
 
-from ..nn.activated_batch_norm import update_running_stats
+from ..nn.activated_batch_norm import running_stats_step
 from ..ops.activated_batch_norm import signed_weight_activated_batch_norm, signed_weight_plan
 from ..ops.cross_attention import cross_attention
 from ..patch import Patcher, count_call, count_fused, fused_kernel_for, op_backend, register_patcher, stock_forward
@@ -200,10 +200,10 @@ def _bn_leaky_relu(block: nn.Module, bn: nn.modules.batchnorm._BatchNorm, x: tor
         count_call(block, reason)
         return block.lrelu(bn(x))
     count_fused(block)
-    y, mean, var = signed_weight_activated_batch_norm(x, weight, bias, bn.eps, block.lrelu.negative_slope, flip,
-                                                      backend=op_backend(block))
-    update_running_stats(bn, mean, var, x.numel() // x.shape[1])
-    return y
+    running_mean, running_var, momentum = running_stats_step(bn)
+    return signed_weight_activated_batch_norm(x, weight, bias, bn.eps, block.lrelu.negative_slope, flip,
+                                              backend=op_backend(block), running_mean=running_mean,
+                                              running_var=running_var, momentum=momentum)[0]
 
 
 def _basic_block_forward(block: UnetBasicBlock, inp: torch.Tensor) -> torch.Tensor:

@@ -9,21 +9,18 @@ from torch import nn
 from ..ops.activated_batch_norm import activated_batch_norm
 
 
-def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
-                         count: int) -> None:
-    """What a training-mode ``nn.BatchNorm*d`` does to its buffers after normalising `count` values per
-    channel with the biased batch statistics (mean, var): num_batches_tracked += 1, and the running mean and
-    unbiased running variance move by ``momentum`` (or by 1 / num_batches_tracked with ``momentum=None``,
-    the cumulative average). Nothing when the module does not track running statistics."""
+def running_stats_step(bn: nn.modules.batchnorm._BatchNorm):
+    """A training-mode ``nn.BatchNorm*d`` step's bookkeeping, for a call that normalises with batch statistics:
+    num_batches_tracked += 1 (in place, no Module.__setattr__), and ``(running_mean, running_var, momentum)``
+    for ``activated_batch_norm``, which moves the running estimates inside its kernel as ATen's batch_norm
+    does (momentum = 1 / num_batches_tracked for ``momentum=None``, the cumulative average);
+    ``(None, None, 0.0)`` when the module does not track running statistics. At the small maps of a
+    U-Net's deep stages separate ops on the [C] buffers cost a fifth of the layer's call."""
     if not bn.track_running_stats or bn.running_mean is None:
-        return
-    # In place on the buffers (no Module.__setattr__), and the unbiasing factor folded into the update: at
-    # the small maps of a U-Net's deep stages these few ops cost more than the kernel.
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+        return None, None, 0.0
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return bn.running_mean, bn.running_var, momentum
 
 
 class _ActivatedBatchNorm:
@@ -54,9 +51,10 @@ class _ActivatedBatchNorm:
                              training=False, eps=self.eps)
             return F.leaky_relu(y, self.negative_slope, inplace=True)
         x_map = x.unsqueeze(-1) if x.dim() == 2 else x  # BatchNorm1d's [B, C]: one pixel per sample
-        y, mean, var = activated_batch_norm(x_map, self.weight, self.bias, self.eps, self.negative_slope,
-                                            backend=None if self.fused else "reference")
-        update_running_stats(self, mean, var, x.numel() // x.shape[1])
+        running_mean, running_var, momentum = running_stats_step(self)
+        y = activated_batch_norm(x_map, self.weight, self.bias, self.eps, self.negative_slope,
+                                 running_mean=running_mean, running_var=running_var, momentum=momentum,
+                                 backend=None if self.fused else "reference")[0]
         return y if x_map is x else y.view(x.shape)
 
     def extra_repr(self) -> str:

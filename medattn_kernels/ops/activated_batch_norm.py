@@ -13,9 +13,12 @@ GPU: Triton only (two memory-bound passes with per-channel reductions; nothing f
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import reference
+from ..reference.activated_batch_norm import update_running_stats_
 from ..triton._common import output_layout
 from ._checks import (as_4d_map, check_dims, check_floating, check_like, check_spatial_map, check_tensor,
                       from_4d_map)
@@ -27,7 +30,7 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake(x, weight, bias, eps, negative_slope):
+def _fake(x, weight, bias, eps, negative_slope, running_mean=None, running_var=None, momentum=0.1):
     c = x.shape[1]
     return (torch.empty_like(x, memory_format=output_layout(x)), x.new_empty((c,), dtype=stat_dtype(x.dtype)),
             x.new_empty((c,), dtype=stat_dtype(x.dtype)))
@@ -40,7 +43,7 @@ def _backward_fake(grad_y, y, weight, bias, var, eps, negative_slope, output_mas
 
 
 def _setup_context(ctx, inputs, output):
-    _, weight, bias, eps, negative_slope = inputs
+    _, weight, bias, eps, negative_slope = inputs[:5]
     y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(y, weight, bias, var)
@@ -50,10 +53,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, backward_fn, grad_y, grad_mean=None, grad_var=None):
     y, weight, bias, var = ctx.saved_tensors
     mask = [needs_grad(ctx, 0), needs_grad(ctx, 1), needs_grad(ctx, 2)]
+    not_differentiable = (None,) * 5  # eps, negative_slope, running_mean, running_var, momentum
     if grad_y is None or not any(mask):
-        return None, None, None, None, None
+        return (None, None, None) + not_differentiable
     grad_x, grad_w, grad_b = backward_fn(grad_y, y, weight, bias, var, *ctx.abn_args, mask)
-    return none_if_absent(grad_x), none_if_absent(grad_w), none_if_absent(grad_b), None, None
+    return (none_if_absent(grad_x), none_if_absent(grad_w), none_if_absent(grad_b)) + not_differentiable
 
 
 def _triton():
@@ -72,7 +76,9 @@ SPEC = FusedOp(
 
 
 def activated_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                         negative_slope: float = 0.01, *, signed_weight: bool = False, backend=None):
+                         negative_slope: float = 0.01, *, signed_weight: bool = False,
+                         running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                         momentum: float = 0.1, backend=None):
     """Training-mode batch norm followed by leaky ReLU, keeping only the output for backward.
 
     Args:
@@ -85,6 +91,11 @@ def activated_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         signed_weight: apply ``weight`` itself as the scale, as ``nn.BatchNorm`` does, instead of
             ``|weight| + eps``: exact for every channel with ``|weight| > eps`` (see
             ``signed_weight_plan``); raises ValueError otherwise.
+        running_mean, running_var: a BatchNorm layer's running estimates ``[C]`` (both or neither; any
+            floating dtype, x's device), updated in place in the same call as ATen's ``batch_norm`` does:
+            ``running = (1 - momentum) * running + momentum * statistic``, the variance unbiased by
+            M / (M - 1) for M = B * prod(spatial) values per channel. Not differentiable.
+        momentum: the update's factor (a layer with ``momentum=None`` passes 1 / num_batches_tracked).
         backend: ``None`` (fastest available), ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
@@ -104,21 +115,45 @@ def activated_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise ValueError(f"eps: expected > 0, got {eps}")
     if not float(negative_slope) > 0:
         raise ValueError(f"negative_slope: expected > 0 (the activation must be invertible), got {negative_slope}")
+    if running_mean is not None or running_var is not None:
+        _check_running_stats(x, running_mean, running_var)
     if signed_weight:
         flip = signed_weight_plan(weight, eps)
         if flip is None:
             raise ValueError(f"weight: signed_weight=True needs |weight| > eps = {eps} in every channel (the "
                              f"op's scale |w'| + eps cannot go below eps)")
-        return signed_weight_activated_batch_norm(x, weight, bias, eps, negative_slope, flip, backend=backend)
-    return _activated_batch_norm(x, weight, bias, float(eps), float(negative_slope), backend)
+        return signed_weight_activated_batch_norm(x, weight, bias, eps, negative_slope, flip, backend=backend,
+                                                  running_mean=running_mean, running_var=running_var,
+                                                  momentum=momentum)
+    return _activated_batch_norm(x, weight, bias, float(eps), float(negative_slope), backend, running_mean,
+                                 running_var, float(momentum))
 
 
-def _activated_batch_norm(x, weight, bias, eps: float, negative_slope: float, backend):
+def _check_running_stats(x: torch.Tensor, running_mean, running_var) -> None:
+    if running_mean is None or running_var is None:
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean, running_var: expected both or neither, got no {missing}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        check_tensor(t, name)
+        check_floating(t, name)
+        check_dims(t, name, [x.shape[1]], f"[C] = [{x.shape[1]}]")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (as x), got {t.device}")
+    check_like(running_var, "running_var", running_mean, "running_mean")
+
+
+def _activated_batch_norm(x, weight, bias, eps: float, negative_slope: float, backend, running_mean=None,
+                          running_var=None, momentum: float = 0.1):
     chosen = SPEC.resolve(backend, x, "x")
     if chosen == "reference":
-        return reference.activated_batch_norm(x, weight, bias, eps, negative_slope)
+        return reference.activated_batch_norm(x, weight, bias, eps, negative_slope, running_mean, running_var,
+                                              momentum)
     x_map = as_4d_map(x)
-    y, mean, var = SPEC.run(chosen, x_map, weight, bias, eps, negative_slope)
+    if running_mean is None:  # the dispatcher fills the defaults: fewer arguments, less to convert
+        y, mean, var = SPEC.run(chosen, x_map, weight, bias, eps, negative_slope)
+    else:
+        y, mean, var = SPEC.run(chosen, x_map, weight, bias, eps, negative_slope, running_mean, running_var,
+                                momentum)
     return from_4d_map(y, x, x_map), mean, var
 
 
@@ -135,14 +170,20 @@ def signed_weight_plan(weight: torch.Tensor, eps: float):
 
 
 def signed_weight_activated_batch_norm(x, weight, bias, eps: float, negative_slope: float, flip: bool, *,
-                                       backend=None):
+                                       backend=None, running_mean=None, running_var=None, momentum: float = 0.1):
     """``leaky_relu(batch_norm(x, weight, bias))`` with BatchNorm's signed weight, given
     ``flip = signed_weight_plan(weight, eps)`` (not None). The op's scale ``|weight - eps| + eps``
     equals ``|weight|`` up to one rounding; autograd carries the gradients through the conversion (and
-    through the sign flip, whose x * sign pass only negative weights pay for)."""
+    through the sign flip, whose x * sign pass only negative weights pay for). Running estimates as in
+    ``activated_batch_norm``."""
     scale_weight = weight.abs() - eps
     if not flip:
-        return _activated_batch_norm(x, scale_weight, bias, float(eps), float(negative_slope), backend)
+        return _activated_batch_norm(x, scale_weight, bias, float(eps), float(negative_slope), backend,
+                                     running_mean, running_var, float(momentum))
     sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
     y, mean, var = _activated_batch_norm(x * sign, scale_weight, bias, float(eps), float(negative_slope), backend)
-    return y, mean * sign.view(-1).to(mean.dtype), var
+    mean = mean * sign.view(-1).to(mean.dtype)
+    if running_mean is not None:  # the kernel saw the flipped channels' mean: update from the true one here
+        update_running_stats_(running_mean, running_var, mean, var, float(momentum),
+                                        x.numel() // x.shape[1])
+    return y, mean, var

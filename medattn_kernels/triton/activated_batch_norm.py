@@ -10,10 +10,13 @@ a channel's values maps to (b, p) = (i // HW, i % HW), so NCHW and channels_last
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
+from ..reference.activated_batch_norm import update_running_stats_
 from ._common import launch, map_strides, output_layout
 
 BLOCK = 1024
@@ -127,7 +130,9 @@ def _acc(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, negative_slope: float):
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, negative_slope: float,
+            running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+            momentum: float = 0.1):
     layout = output_layout(x)
     x = x.contiguous(memory_format=layout)
     tl_acc, acc = _acc(x.dtype)
@@ -148,6 +153,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     launch(_apply_kernel, grid, (x, y, mean_hi, (mean - mean_hi.double()).to(acc), scale.to(acc),
                                  bias.to(acc).contiguous(), M, HW, chunk, *map_strides(x), float(negative_slope)),
            dict(ACC=tl_acc, BLOCK=BLOCK), NUM_WARPS, NUM_STAGES)
+    if running_mean is not None:  # [C] work beside the map's passes: torch ops, no launch of our own
+        update_running_stats_(running_mean, running_var, mean, var, momentum, M)
     return y, mean.to(acc), var.to(acc)
 
 
