@@ -1,6 +1,7 @@
 """Build of medattn_kernels._C (torch.utils.cpp_extension + ninja).
 
-Sources: csrc/ops.cpp (schemas), csrc/dispatch.cpp (the ISA registry) and the kernels csrc/cpu/*.cpp; CUDA
+Sources: csrc/ops.cpp (schemas), csrc/dispatch.cpp (the ISA registry), csrc/checks.cpp (the kernels' shared
+argument checks, compiled once) and the kernels csrc/cpu/*.cpp; CUDA
 sources (csrc/cuda/*.cu) are added when torch has CUDA and nvcc is found (MEDATTN_BUILD_CUDA=1/0 forces them).
 
 Runtime ISA dispatch (csrc/include/medattn/dispatch.h): every csrc/cpu/*.cpp is compiled once per CPU
@@ -79,7 +80,7 @@ def _base_cxx_flags() -> list:
 
 
 def _extension():
-    sources = [_rel(os.path.join(ROOT, "csrc", name)) for name in ("ops.cpp", "dispatch.cpp")] + kernel_sources()
+    sources = [_rel(os.path.join(ROOT, "csrc", name)) for name in ("ops.cpp", "dispatch.cpp", "checks.cpp")] + kernel_sources()
     cxx = _base_cxx_flags() + isa_defines("DEFAULT")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if _want_cuda():

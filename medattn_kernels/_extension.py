@@ -32,7 +32,7 @@ def _stale_sources() -> list[str]:
     if not (csrc / "ops.cpp").is_file():  # an installed wheel (or a copy of the package): no sources beside it
         return []
     # What _C is built from on a CPU build (csrc/tests belongs to the CMake build only).
-    sources = [str(csrc / "ops.cpp"), str(csrc / "dispatch.cpp")] + glob.glob(str(csrc / "cpu" / "*.cpp")) + \
+    sources = glob.glob(str(csrc / "*.cpp")) + glob.glob(str(csrc / "cpu" / "*.cpp")) + \
         glob.glob(str(csrc / "include" / "**" / "*.h"), recursive=True)
     newer = [p for p in sources if os.path.getmtime(p) > built]
     return sorted(os.path.relpath(p, csrc.parent) for p in newer)

@@ -22,7 +22,7 @@ FLAGS=(-std=c++20 -fsyntax-only -fopenmp -Wall -Wno-unused-function -I"$ROOT/csr
 for dir in "${TORCH_INCLUDES[@]}"; do FLAGS+=(-I"$dir"); done
 
 status=0
-for src in "$ROOT"/csrc/ops.cpp "$ROOT"/csrc/dispatch.cpp "$ROOT"/csrc/cpu/*.cpp; do
+for src in "$ROOT"/csrc/ops.cpp "$ROOT"/csrc/dispatch.cpp "$ROOT"/csrc/checks.cpp "$ROOT"/csrc/cpu/*.cpp; do
   if "$CXX_AARCH64" "${FLAGS[@]}" "$src"; then
     echo "aarch64 DEFAULT pass: ${src#"$ROOT"/} ok"
   else

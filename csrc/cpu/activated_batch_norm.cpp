@@ -587,10 +587,9 @@ void check_running_stats(const at::Tensor& x, const std::optional<at::Tensor>& r
     check_cpu(*t, name);
     TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape [C] = [", x.size(1), "], got ",
                 t->sizes());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, ": expected a floating dtype, got ", t->scalar_type());
+    check_floating(*t, name);
   }
-  TORCH_CHECK(running_var->scalar_type() == running_mean->scalar_type(), "running_var: expected dtype ",
-              running_mean->scalar_type(), " (as running_mean), got ", running_var->scalar_type());
+  check_same(*running_mean, *running_var, "running_mean", "running_var");
 }
 
 // A BatchNorm layer's running estimates, moved as ATen's batch_norm moves them (the variance unbiased by

@@ -16,25 +16,17 @@
 
 namespace medattn {
 
-inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, name, ": expected a ", rank, "-D tensor ", layout, ", got shape ", t.sizes());
-}
-
-inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
-              name, ": expected float32, float64 or bfloat16 on CPU, got ", t.scalar_type());
-}
-
-inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* name_a, const char* name_b) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), name_b, ": expected dtype ", a.scalar_type(), " (as ", name_a,
-              "), got ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), name_b, ": expected device ", a.device(), " (as ", name_a, "), got ",
-              b.device());
-}
-
-inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-}
+// Defined once, in csrc/checks.cpp, built with the DEFAULT flags only (not once per ISA pass): their
+// messages instantiate c10::str's templates, and a copy a vector pass compiled that the linker kept for the
+// whole library (when no DEFAULT object emitted one) would be AVX code that the DEFAULT pass may call
+// (tools/check_isa_library.py caught an AVX2 copy of check_float's message formatting).
+void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout);
+// float32, float64 or bfloat16: the CPU kernels' dtypes
+void check_float(const at::Tensor& t, const char* name);
+// any floating dtype (buffers the kernels read or write as given, e.g. BatchNorm's running statistics)
+void check_floating(const at::Tensor& t, const char* name);
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* name_a, const char* name_b);
+void check_cpu(const at::Tensor& t, const char* name);
 
 // Float type in which a kernel accumulates: float for float32/bfloat16, double for float64.
 template <typename scalar_t>
